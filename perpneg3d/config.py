@@ -1,0 +1,106 @@
+"""Hydra glue: one-line errors for bad overrides and bad constructor keys, and the script entry point."""
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from perpneg3d.errors import ConfigError, PerpNegError, reported_errors
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _first_of_sweeps(overrides: list[str]) -> list[str]:
+    """Replace each sweep override (a=1,2 / range / choice) by its first value, for a dry composition."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for text, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        if parsed.is_sweep_override():
+            first = next(iter(parsed.sweep_string_iterator()))
+            out.append(f"{parsed.get_key_element()}={first}")
+        else:
+            out.append(text)
+    return out
+
+
+def explain_compose_error(err: Exception) -> str:
+    """One line from Hydra's multi-line composition errors."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file:
+        group, _, option = str(err.missing_cfg_file).rpartition("/")
+        options = ", ".join(err.options or [])
+        if options:
+            return f"unknown {group} '{option}': choose one of {options}"
+    text = str(err)
+    key = re.search(r"Could not override '([^']+)'", text)
+    if key:
+        return (f"unknown config key '{key.group(1)}': check its spelling (--cfg job prints every key) "
+                f"or add a new key with +{key.group(1)}=...")
+    missing = re.search(r"Could not (?:find|load) '([^']+)'", text)
+    if missing:
+        return f"unknown config '{missing.group(1)}': check the group and option names in configs/"
+    return text.strip().splitlines()[0]
+
+
+def check_overrides(config_name: str, overrides: list[str]) -> None:
+    """Compose the config once with the command line; raise ConfigError with one line if it fails."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    args = [a for a in overrides if not a.startswith("-")]
+    try:
+        args = _first_of_sweeps(args)
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            compose(config_name, overrides=args, return_hydra_config=True)
+    except PerpNegError:
+        raise
+    except Exception as err:  # Hydra raises several unrelated classes for user typos
+        raise ConfigError(explain_compose_error(err)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def instantiate(node, *args, **kwargs):
+    """hydra.utils.instantiate, with a user's mistake reported as one ConfigError line.
+
+    Unknown keyword -> names the key, the class and its valid keys; a PerpNegError raised inside a
+    constructor is passed through unwrapped.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_class, instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, PerpNegError):
+            raise cause from None
+        bad = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+        target = re.search(r"Error in call to target '([^']+)'", str(err))
+        if bad and target:
+            params = inspect.signature(get_class(target.group(1)).__init__).parameters
+            valid = ", ".join(p for p in params if p != "self")
+            raise ConfigError(f"'{bad.group(1)}' is not an argument of {target.group(1)}: valid keys are {valid}") from None
+        raise ConfigError(str(err).strip().splitlines()[0]) from None
+
+
+def run_script(config_name: str, fn: Callable) -> None:
+    """Entry point of every script: pre-check overrides (one-line errors), then run under Hydra."""
+    import hydra
+
+    with reported_errors():
+        check_overrides(config_name, sys.argv[1:])
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
+    def _main(cfg):
+        with reported_errors():
+            return fn(cfg)
+
+    _main()

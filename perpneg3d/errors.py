@@ -1,0 +1,45 @@
+"""User-facing errors: each carries one line that names the bad value and the fix."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+
+class PerpNegError(Exception):
+    """A user mistake or an unusable input; entry points print its message alone, no traceback."""
+
+
+class ConfigError(PerpNegError, ValueError):
+    """A configuration value is invalid."""
+
+
+class ModelNotFoundError(PerpNegError):
+    """Pretrained weights could not be found or loaded."""
+
+
+class CheckpointError(PerpNegError):
+    """A checkpoint is missing, truncated or unreadable."""
+
+
+class OutputDirError(PerpNegError):
+    """The output folder cannot be created or written."""
+
+
+class NumericalError(PerpNegError):
+    """Training produced non-finite values for too many consecutive steps."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+@contextlib.contextmanager
+def reported_errors(exit_code: int = 2):
+    """Turn a PerpNegError into one line on stderr and a non-zero exit (for scripts)."""
+    try:
+        yield
+    except PerpNegError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(exit_code)

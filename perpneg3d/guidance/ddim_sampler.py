@@ -1,0 +1,67 @@
+"""2D text-to-image sampling with DDIM (diffusers) and any guidance mode (PAPER.md Algorithm 1)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from perpneg3d.guidance.perpneg import combine
+
+
+def make_ddim_scheduler(denoiser):
+    """DDIM from the denoiser's own scheduler config when it has one, else from its alphas_cumprod."""
+    from diffusers import DDIMScheduler
+
+    config = getattr(denoiser, "scheduler_config", None)
+    if config:
+        return DDIMScheduler.from_config(config)
+    abar = denoiser.alphas_cumprod.double().cpu()
+    betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+    return DDIMScheduler(
+        num_train_timesteps=len(abar), trained_betas=betas.float().numpy(),
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+@torch.no_grad()
+def sample(
+    denoiser,
+    text_emb: Tensor,
+    neg_weights: Tensor,
+    num_samples: int,
+    *,
+    scale: float = 7.5,
+    mode: str = "perpneg",
+    steps: int = 50,
+    eta: float = 0.0,
+    height: int | None = None,
+    width: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> Tensor:
+    """Sample images [num_samples,3,H,W] in [0,1].
+
+    text_emb: [2+K, ...] embeddings of (uncond, positive, negative_1..K); neg_weights: [K].
+    Each denoising step runs the denoiser once on the (2+K)*B batch [uncond | pos | negs], combines
+    with `combine(mode)` and takes a DDIM step. Initial noise comes from `generator` exactly as in
+    diffusers' StableDiffusionPipeline, so mode "cfg" reproduces it.
+    """
+    device = denoiser.device
+    scheduler = make_ddim_scheduler(denoiser)
+    scheduler.set_timesteps(steps, device=device)
+    size = getattr(denoiser, "image_size", 512)
+    shape = (num_samples, *denoiser.latent_shape(height or size, width or size))
+    gen_device = generator.device if generator is not None else device
+    latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+    latents = latents * scheduler.init_noise_sigma
+    num_blocks, num_neg = text_emb.shape[0], text_emb.shape[0] - 2
+    emb = text_emb.to(device).repeat_interleave(num_samples, dim=0)
+    weights = neg_weights.to(device).float().reshape(1, num_neg).expand(num_samples, num_neg)
+    for t in tqdm(scheduler.timesteps, desc=f"DDIM {mode}", disable=not progress, leave=False):
+        x_in = scheduler.scale_model_input(latents, t).repeat(num_blocks, *([1] * (latents.dim() - 1)))
+        eps_all = denoiser.eps(x_in, t.reshape(1).expand(x_in.shape[0]).to(device), emb)
+        eps_all = eps_all.reshape(num_blocks, num_samples, *latents.shape[1:])
+        eps_neg = eps_all[2:].transpose(0, 1) if num_neg else None
+        eps_hat = combine(eps_all[0], eps_all[1], eps_neg, weights if num_neg else None, scale, mode)
+        latents = scheduler.step(eps_hat.to(latents.dtype), t, latents, eta=eta, generator=generator).prev_sample
+    return denoiser.decode(latents)

@@ -1,0 +1,92 @@
+"""Score Distillation Sampling with Perp-Neg (DreamFusion eq. 3 with eps_hat = eps_PN).
+
+grad_theta L = E_t,eps[ w(t) (eps_PN(x_t; y, t) - eps) dx/dtheta ], injected through the surrogate
+0.5 * ||latents - (latents - grad).detach()||^2 / B; no gradient flows into the denoiser.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from perpneg3d.errors import require
+from perpneg3d.guidance.denoiser import add_noise
+from perpneg3d.guidance.perpneg import MODES, combine
+
+
+@dataclass
+class SDSOutput:
+    loss: Tensor  # scalar surrogate whose gradient w.r.t. the render is the SDS gradient
+    grad_norm: float  # mean L2 norm of the per-sample gradient (after clean-up)
+    nonfinite: int  # number of NaN/inf gradient entries that were zeroed
+    t: Tensor  # [B] sampled timesteps
+
+
+class ScoreDistillation:
+    """Perp-Neg SDS against any denoiser (Stable Diffusion, the toy prior, or your own class).
+
+    t ~ U[min_step_percent, max_step_percent] * T per sample; the upper bound anneals linearly to
+    max_step_percent_end between anneal_start_step and anneal_end_step when that is set.
+    weighting "sds": w(t) = 1 - alphas_cumprod[t]; "uniform": w(t) = 1.
+    """
+
+    def __init__(
+        self,
+        denoiser,
+        guidance_scale: float = 100.0,
+        mode: str = "perpneg",
+        min_step_percent: float = 0.02,
+        max_step_percent: float = 0.98,
+        max_step_percent_end: float | None = None,
+        anneal_start_step: int = 0,
+        anneal_end_step: int = 0,
+        weighting: str = "sds",
+        grad_clip: float | None = None,
+    ):
+        require(mode in MODES, f"guidance.mode={mode!r} is unknown: use one of {', '.join(MODES)}")
+        require(weighting in ("sds", "uniform"), f"guidance.weighting={weighting!r} is unknown: use sds or uniform")
+        require(0 <= min_step_percent < max_step_percent <= 1,
+                f"guidance step range [{min_step_percent}, {max_step_percent}] must satisfy 0 <= min < max <= 1")
+        require(guidance_scale > 0, f"guidance.guidance_scale={guidance_scale} must be positive")
+        self.denoiser, self.guidance_scale, self.mode, self.weighting = denoiser, guidance_scale, mode, weighting
+        self.min_step_percent, self.max_step_percent = min_step_percent, max_step_percent
+        self.max_step_percent_end = max_step_percent_end
+        self.anneal_start_step, self.anneal_end_step = anneal_start_step, anneal_end_step
+        self.grad_clip = grad_clip
+
+    def timestep_range(self, step: int) -> tuple[int, int]:
+        """Inclusive [lo, hi] timestep indices at training step `step`."""
+        hi = self.max_step_percent
+        if self.max_step_percent_end is not None and self.anneal_end_step > self.anneal_start_step:
+            frac = min(max((step - self.anneal_start_step) / (self.anneal_end_step - self.anneal_start_step), 0.0), 1.0)
+            hi = hi + frac * (self.max_step_percent_end - hi)
+        num = self.denoiser.num_train_timesteps
+        lo_i = int(self.min_step_percent * num)
+        return lo_i, max(lo_i, min(num - 1, int(hi * num)))
+
+    def __call__(self, rgb: Tensor, prompts, step: int, generator: torch.Generator) -> SDSOutput:
+        """rgb [B,H,W,3] in [0,1] (differentiable); prompts: a PromptBatch of (2+K)*B embeddings."""
+        den = self.denoiser
+        latents = den.encode(rgb.permute(0, 3, 1, 2))
+        batch, num_blocks = latents.shape[0], 2 + prompts.num_neg
+        lo, hi = self.timestep_range(step)
+        t = torch.randint(lo, hi + 1, (batch,), generator=generator).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        with torch.no_grad():
+            x_t = add_noise(den, latents.detach(), noise, t)
+            reps = (num_blocks,) + (1,) * (latents.dim() - 1)
+            eps_all = den.eps(x_t.repeat(reps), t.repeat(num_blocks), prompts.text_emb)
+            eps_all = eps_all.float().reshape(num_blocks, batch, *latents.shape[1:])
+            eps_neg = eps_all[2:].transpose(0, 1) if prompts.num_neg else None
+            neg_w = prompts.neg_weights.to(latents.device) if prompts.num_neg else None
+            eps_hat = combine(eps_all[0], eps_all[1], eps_neg, neg_w, self.guidance_scale, self.mode)
+            w = 1 - den.alphas_cumprod.to(latents.device)[t] if self.weighting == "sds" else torch.ones(batch, device=latents.device)
+            grad = w.float().view(-1, *([1] * (latents.dim() - 1))) * (eps_hat - noise)
+            nonfinite = int((~torch.isfinite(grad)).sum())
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            if self.grad_clip is not None:
+                grad = grad.clamp(-self.grad_clip, self.grad_clip)
+        target = (latents - grad).detach()
+        loss = 0.5 * ((latents - target) ** 2).sum() / batch
+        return SDSOutput(loss, float(grad.flatten(1).norm(dim=1).mean()), nonfinite, t)

@@ -1,0 +1,90 @@
+"""Per-camera text embeddings for view-dependent (Perp-Neg) score distillation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from perpneg3d.errors import ConfigError
+from perpneg3d.prompts.view_weights import NEGATIVE_VIEWS, ExponentialSchedule
+from perpneg3d.prompts.views import VIEWS, view_labels, view_prompt
+
+
+@dataclass
+class PromptBatch:
+    """Text embeddings for one guidance step in DESIGN.md's layout.
+
+    text_emb: [(2+K)*B, ...] blocks [uncond | pos | neg_1 | ... | neg_K], each the B cameras in order.
+    neg_weights: [B,K] weights of the negatives (K = 0 for plain view-dependent prompting).
+    labels: [B] index into VIEWS of each camera's view.
+    """
+
+    text_emb: Tensor
+    neg_weights: Tensor
+    labels: Tensor
+
+    @property
+    def num_neg(self) -> int:
+        return self.neg_weights.shape[1]
+
+
+def validate_prompt(prompt: str) -> str:
+    """Reject an empty prompt with the fix."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError(f"prompt is empty ({prompt!r}): pass one, e.g. prompt=\"a corgi standing\"")
+    return prompt.strip()
+
+
+class ViewPrompts:
+    """View-dependent prompts: '<prompt>, <view> view' by azimuth, with Perp-Neg negatives.
+
+    perp_neg=True: the positive embedding interpolates neighbouring views and the negatives are the
+    front and side embeddings weighted by `schedule` (PAPER.md section 4). perp_neg=False: plain
+    DreamFusion view prompts, K = 0 (Perp-Neg then reduces to classifier-free guidance).
+    view_prompts overrides the text of single views, e.g. {"back": "a corgi seen from behind"}.
+    """
+
+    def __init__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        perp_neg: bool = True,
+        template: str = "{prompt}, {view} view",
+        view_prompts: Mapping[str, str] | None = None,
+        schedule=None,
+        front_max_deg: float = 45.0,
+        back_min_deg: float = 135.0,
+        overhead_min_deg: float = 60.0,
+    ):
+        self.prompt = validate_prompt(prompt)
+        self.negative_prompt = negative_prompt
+        self.perp_neg = perp_neg
+        overrides = dict(view_prompts or {})
+        unknown = set(overrides) - set(VIEWS)
+        if unknown:
+            raise ConfigError(f"view_prompts has unknown views {sorted(unknown)}: use {', '.join(VIEWS)}")
+        self.view_texts = {v: overrides.get(v, view_prompt(self.prompt, v, template)) for v in VIEWS}
+        self.schedule = schedule if schedule is not None else ExponentialSchedule(overhead_min_deg=overhead_min_deg)
+        self.thresholds = dict(front_max_deg=front_max_deg, back_min_deg=back_min_deg, overhead_min_deg=overhead_min_deg)
+
+    def texts(self) -> list[str]:
+        """All texts this object embeds: the negative prompt (unconditional) and the four views."""
+        return [self.negative_prompt] + [self.view_texts[v] for v in VIEWS]
+
+    def __call__(self, denoiser, azimuth_deg: Tensor, elevation_deg: Tensor) -> PromptBatch:
+        emb = denoiser.embed(self.texts())
+        uncond, views = emb[:1], emb[1:]
+        batch = azimuth_deg.shape[0]
+        labels = view_labels(azimuth_deg, elevation_deg, **self.thresholds)
+        if not self.perp_neg:
+            blocks = [uncond.expand(batch, *uncond.shape[1:]), views[labels.to(views.device)]]
+            weights = torch.zeros(batch, 0, device=azimuth_deg.device)
+            return PromptBatch(torch.cat(blocks), weights, labels)
+        mix = self.schedule(azimuth_deg, elevation_deg)
+        pos_mix = mix.pos_mix.to(device=views.device, dtype=torch.float32)
+        pos = torch.einsum("bv,v...->b...", pos_mix, views.float()).to(views.dtype)
+        negs = [views[VIEWS.index(v)].expand(batch, *views.shape[1:]) for v in NEGATIVE_VIEWS]
+        blocks = [uncond.expand(batch, *uncond.shape[1:]), pos, *negs]
+        return PromptBatch(torch.cat(blocks), mix.neg_weights, labels)

@@ -1,0 +1,107 @@
+"""Perp-Neg view schedules: positive embedding mix and negative weights from the azimuth.
+
+PAPER.md section 4; DESIGN.md "Views". Every schedule maps azimuths/elevations [B] (degrees) to
+``pos_mix`` [B,4] (weights of the front, side, back, overhead embeddings in the positive) and
+``neg_weights`` [B,2] (weights of the negatives, always the front and side embeddings in that
+order). Positive weights push away from a negative; overhead cameras get no negatives.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from perpneg3d.prompts.views import BACK, FRONT, OVERHEAD, SIDE, wrap_azimuth
+
+NEGATIVE_VIEWS = ("front", "side")
+
+
+class ViewMix(NamedTuple):
+    pos_mix: Tensor  # [B,4] over (front, side, back, overhead)
+    neg_weights: Tensor  # [B,2] for the (front, side) negatives
+
+
+def shifted_exp(coeffs: Sequence[float], r: Tensor) -> Tensor:
+    """f(a, b, c; r) = a * exp(-b * r) + c."""
+    a, b, c = coeffs
+    return a * torch.exp(-b * r) + c
+
+
+def _positive_mix(abs_az: Tensor, overhead: Tensor) -> tuple[Tensor, Tensor]:
+    """Interpolation weights front<->side on [0, 90), side<->back on [90, 180]; r per camera."""
+    near = abs_az < 90.0
+    r = torch.where(near, 1.0 - abs_az / 90.0, 2.0 - abs_az / 90.0)
+    mix = torch.zeros(abs_az.shape[0], 4, dtype=abs_az.dtype, device=abs_az.device)
+    mix[:, FRONT] = torch.where(near, r, torch.zeros_like(r))
+    mix[:, SIDE] = torch.where(near, 1.0 - r, r)
+    mix[:, BACK] = torch.where(near, torch.zeros_like(r), 1.0 - r)
+    mix[overhead] = 0.0
+    mix[overhead, OVERHEAD] = 1.0
+    return mix, r
+
+
+class ExponentialSchedule:
+    """threestudio's shifted-exponential schedule (DESIGN.md default; signs flipped to push away).
+
+    |a| < 90:  r = 1 - |a|/90, negatives (front, side) weighted (f_fs(r), f_sf(1 - r)).
+    |a| >= 90: r = 2 - |a|/90, negatives (side, front) weighted (f_sb(r), f_fsb(r)).
+    """
+
+    def __init__(
+        self,
+        front_side: Sequence[float] = (4.0, 0.5, -2.426),
+        side_front: Sequence[float] = (4.0, 0.5, -2.426),
+        side_back: Sequence[float] = (1.0, 0.5, -0.606),
+        front_side_back: Sequence[float] = (1.0, 0.5, 0.967),
+        overhead_min_deg: float = 60.0,
+    ):
+        self.f_fs, self.f_sf = tuple(front_side), tuple(side_front)
+        self.f_sb, self.f_fsb = tuple(side_back), tuple(front_side_back)
+        self.overhead_min_deg = overhead_min_deg
+
+    def __call__(self, azimuth_deg: Tensor, elevation_deg: Tensor) -> ViewMix:
+        abs_az = wrap_azimuth(azimuth_deg.float()).abs()
+        overhead = elevation_deg > self.overhead_min_deg
+        mix, r = _positive_mix(abs_az, overhead)
+        near = abs_az < 90.0
+        w_front = torch.where(near, shifted_exp(self.f_fs, r), shifted_exp(self.f_fsb, r))
+        w_side = torch.where(near, shifted_exp(self.f_sf, 1.0 - r), shifted_exp(self.f_sb, r))
+        weights = torch.stack([w_front, w_side], dim=-1)
+        weights[overhead] = 0.0
+        return ViewMix(mix, weights)
+
+
+class StableDreamfusionSchedule:
+    """stable-dreamfusion's schedule: decays exp(-front_decay r), exp(-side_decay (1-r)), cut-offs.
+
+    |a| < 90:  front weight 0 if r > 0.8 else weight * exp(-front_decay r);
+               side weight 0 if r < 0.2 else weight * exp(-side_decay (1 - r)).
+    |a| >= 90: front weight = weight; side weight 0 if r > 0.8 else weight/2 * exp(-front_decay r).
+    """
+
+    def __init__(
+        self,
+        front_decay: float = 2.0,
+        side_decay: float = 10.0,
+        weight: float = 2.0,
+        overhead_min_deg: float = 60.0,
+    ):
+        self.front_decay, self.side_decay, self.weight = front_decay, side_decay, weight
+        self.overhead_min_deg = overhead_min_deg
+
+    def __call__(self, azimuth_deg: Tensor, elevation_deg: Tensor) -> ViewMix:
+        abs_az = wrap_azimuth(azimuth_deg.float()).abs()
+        overhead = elevation_deg > self.overhead_min_deg
+        mix, r = _positive_mix(abs_az, overhead)
+        near = abs_az < 90.0
+        zero = torch.zeros_like(r)
+        front_decayed = self.weight * torch.exp(-self.front_decay * r)
+        w_front_near = torch.where(r > 0.8, zero, front_decayed)
+        w_side_near = torch.where(r < 0.2, zero, self.weight * torch.exp(-self.side_decay * (1.0 - r)))
+        w_side_far = torch.where(r > 0.8, zero, 0.5 * front_decayed)
+        w_front = torch.where(near, w_front_near, torch.full_like(r, self.weight))
+        w_side = torch.where(near, w_side_near, w_side_far)
+        weights = torch.stack([w_front, w_side], dim=-1)
+        weights[overhead] = 0.0
+        return ViewMix(mix, weights)

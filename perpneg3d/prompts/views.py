@@ -1,0 +1,37 @@
+"""View labels from camera angles (DESIGN.md "Views"): front faces +x, azimuth 0 is the front."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+VIEWS = ("front", "side", "back", "overhead")
+FRONT, SIDE, BACK, OVERHEAD = range(4)
+
+# The paper's 2D view strategy (PAPER.md section 3): negate the other two horizontal views.
+VIEW_NEGATIVES = {"front": ("side", "back"), "side": ("front", "back"), "back": ("front", "side")}
+
+
+def wrap_azimuth(azimuth_deg: Tensor) -> Tensor:
+    """Wrap azimuths in degrees to (-180, 180]."""
+    return 180.0 - torch.remainder(180.0 - azimuth_deg, 360.0)
+
+
+def view_labels(
+    azimuth_deg: Tensor,
+    elevation_deg: Tensor,
+    front_max_deg: float = 45.0,
+    back_min_deg: float = 135.0,
+    overhead_min_deg: float = 60.0,
+) -> Tensor:
+    """Index into VIEWS per camera: front |a| < 45, back |a| > 135, side otherwise; e > 60 overhead."""
+    abs_az = wrap_azimuth(azimuth_deg).abs()
+    labels = torch.full_like(abs_az, SIDE, dtype=torch.long)
+    labels[abs_az < front_max_deg] = FRONT
+    labels[abs_az > back_min_deg] = BACK
+    labels[elevation_deg > overhead_min_deg] = OVERHEAD
+    return labels
+
+
+def view_prompt(prompt: str, view: str, template: str = "{prompt}, {view} view") -> str:
+    """The view-dependent text, e.g. "a corgi, side view"."""
+    return template.format(prompt=prompt, view=view)

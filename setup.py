@@ -1,0 +1,39 @@
+"""Packaging for perpneg3d: text-to-3D with Perp-Neg score distillation."""
+from setuptools import find_packages, setup
+
+setup(
+    name="perpneg3d",
+    version="0.1.0",
+    description="Text-to-3D (DreamFusion-style) with the Perp-Neg algorithm against the Janus problem",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["perpneg3d", "perpneg3d.*"]),
+    install_requires=[
+        # torch is installed first by the Makefile (CPU: torch==2.13.0); any CUDA build >= 2.1 works.
+        "torch>=2.1",
+        "numpy",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "safetensors",
+        "accelerate",
+        "hydra-core>=1.3,<1.4",
+        "hydra-submitit-launcher>=1.2",
+        "nerfacc==0.5.3",
+        "imageio",
+        "imageio-ffmpeg",
+        "pillow",
+        "trimesh>=4",
+        "PyMCubes",
+        "scipy",
+        "xatlas",
+        "fast-simplification",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={
+        # clip-anytorch (the real CLIP BPE vocabulary for the tiny test pipeline) is installed
+        # with --no-deps by the Makefile: its declared deps would pull torchvision.
+        "test": ["pytest>=7"],
+    },
+)

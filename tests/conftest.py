@@ -1,0 +1,28 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion folder, built once per test session."""
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_sd_path):
+    """The tiny folder loaded through perpneg3d's StableDiffusion (the users' code path)."""
+    from perpneg3d.guidance.stable_diffusion import StableDiffusion
+
+    return StableDiffusion(str(tiny_sd_path), device="cpu")

@@ -1,0 +1,111 @@
+"""combine(): hand-computed values and the properties the paper relies on."""
+import pytest
+import torch
+
+from perpneg3d.errors import ConfigError
+from perpneg3d.guidance.perpneg import MODES, combine, perpendicular
+
+
+def one(*vals):
+    return torch.tensor([vals], dtype=torch.float32)
+
+
+CASES = {
+    # eps_u=[1,2], eps_pos=[3,2] (d_pos=[2,0]), eps_neg=[2,5] (d_neg=[1,3], perp=[0,3]), w=0.5, scale=3
+    "cfg": [7.0, 2.0],
+    "negprompt": [5.0, -4.0],
+    "cebm": [5.5, -2.5],
+    "perpneg": [7.0, -2.5],
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hand_computed_values(mode):
+    out = combine(one(1, 2), one(3, 2), one(2, 5).unsqueeze(1), torch.tensor([[0.5]]), 3.0, mode)
+    assert torch.allclose(out, one(*CASES[mode]))
+
+
+def test_hand_computed_two_negatives():
+    # d_pos = [1,0,0]; d_neg1 = [1,1,0] -> perp [0,1,0]; d_neg2 = [-2,0,1] -> perp [0,0,1]
+    eps_u = torch.zeros(1, 3)
+    eps_neg = torch.tensor([[[1.0, 1, 0], [-2, 0, 1]]])
+    out = combine(eps_u, torch.tensor([[1.0, 0, 0]]), eps_neg, torch.tensor([[2.0, 3.0]]), 2.0, "perpneg")
+    assert torch.allclose(out, torch.tensor([[2.0, -4.0, -6.0]]))
+    cebm = combine(eps_u, torch.tensor([[1.0, 0, 0]]), eps_neg, torch.tensor([[2.0, 3.0]]), 2.0, "cebm")
+    assert torch.allclose(cebm, 2 * torch.tensor([[1 - 2 + 6, -2.0, -3.0]]))
+
+
+def random_case(batch=3, k=2, shape=(4, 8, 8), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, *shape, generator=g)
+    p = u + torch.randn(batch, *shape, generator=g)
+    n = u.unsqueeze(1) + torch.randn(batch, k, *shape, generator=g)
+    w = torch.rand(batch, k, generator=g) * 3
+    return u.to(dtype), p.to(dtype), n.to(dtype), w
+
+
+def test_residual_orthogonal_to_positive_per_sample():
+    u, p, n, w = random_case()
+    scale = 7.5
+    out = combine(u, p, n, w, scale, "perpneg")
+    d_pos = p - u
+    residual = (out - u) / scale - d_pos  # = -sum_k w_k perp_k
+    inner = (residual * d_pos).flatten(1).sum(1)
+    assert residual.flatten(1).norm(dim=1).min() > 1.0  # not trivially zero
+    assert torch.allclose(inner, torch.zeros(3), atol=1e-3)
+    perp = perpendicular(n - u.unsqueeze(1), d_pos)
+    assert torch.allclose((perp * d_pos.unsqueeze(1)).flatten(2).sum(-1), torch.zeros(3, 2), atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["perpneg", "cebm"])
+def test_no_negatives_or_zero_weights_is_cfg(mode):
+    u, p, n, w = random_case()
+    cfg = combine(u, p, None, None, 7.5, "cfg")
+    assert torch.allclose(cfg, u + 7.5 * (p - u))
+    assert torch.allclose(combine(u, p, None, None, 7.5, mode), cfg)
+    assert torch.allclose(combine(u, p, n[:, :0], w[:, :0], 7.5, mode), cfg)
+    assert torch.allclose(combine(u, p, n, torch.zeros_like(w), 7.5, mode), cfg)
+
+
+def test_negative_equal_to_positive_leaves_cfg():
+    u, p, _, _ = random_case()
+    n = torch.stack([p, 2 * p - u], dim=1)  # both parallel to d_pos
+    out = combine(u, p, n, torch.full((3, 2), 2.0), 7.5, "perpneg")
+    assert torch.allclose(out, combine(u, p, None, None, 7.5, "cfg"), atol=1e-4)
+    # CEBM removes the concept itself in that case
+    assert not torch.allclose(combine(u, p, n, torch.full((3, 2), 2.0), 7.5, "cebm"), out, atol=1e-2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_permutation_equivariance(mode):
+    u, p, n, w = random_case(batch=5, k=3)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    out = combine(u, p, n, w, 5.0, mode)
+    out_perm = combine(u[perm], p[perm], n[perm], w[perm], 5.0, mode)
+    assert torch.allclose(out[perm], out_perm, atol=1e-5)
+
+
+def test_projection_is_per_sample():
+    u, p, n, w = random_case(batch=2)
+    both = combine(u, p, n, w, 3.0)
+    first = combine(u[:1], p[:1], n[:1], w[:1], 3.0)
+    assert torch.allclose(both[:1], first, atol=1e-5)
+
+
+def test_fp16_and_zero_positive_direction_stay_finite():
+    u, p, n, w = random_case(dtype=torch.float16)
+    out = combine(u, p, n, w, 100.0)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    zero_pos = combine(u, u.clone(), n, w, 100.0)  # d_pos = 0
+    assert torch.isfinite(zero_pos).all()
+    d_neg = (n.float() - u.float().unsqueeze(1))
+    expected = u.float() - 100.0 * (w.reshape(3, 2, 1, 1, 1) * d_neg).sum(1)
+    assert torch.allclose(zero_pos, expected, atol=1e-2)
+
+
+def test_bad_inputs():
+    u, p, n, w = random_case()
+    with pytest.raises(ConfigError, match="unknown guidance mode 'nope'"):
+        combine(u, p, n, w, 1.0, "nope")
+    with pytest.raises(ValueError, match="neg_weights must be"):
+        combine(u, p, n, w[:, :1], 1.0)
