@@ -1,0 +1,81 @@
+"""The training camera distribution (threestudio's random-camera defaults for DreamFusion)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from perpneg3d.cameras.camera_batch import CameraBatch, look_at, spherical_position
+from perpneg3d.errors import require
+
+
+def _uniform(lo: float, hi: float, n: int, g: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+class RandomCameras:
+    """Samples B cameras per step.
+
+    Azimuth covers the full circle stratified across the batch (one random offset, B equal strata);
+    elevation, distance and fovy are uniform in their ranges; the pose gets small random perturbations
+    (camera position, look-at centre, up vector); the light sits near the camera direction at
+    light_distance_range. The render size steps through `heights`/`widths` at `resolution_milestones`.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 1,
+        heights: Sequence[int] = (64,),
+        widths: Sequence[int] | None = None,
+        resolution_milestones: Sequence[int] = (),
+        distance_range: Sequence[float] = (1.5, 2.0),
+        fovy_range: Sequence[float] = (40.0, 70.0),
+        elevation_range: Sequence[float] = (-10.0, 45.0),
+        azimuth_range: Sequence[float] = (-180.0, 180.0),
+        stratified_azimuth: bool = True,
+        camera_perturb: float = 0.1,
+        center_perturb: float = 0.2,
+        up_perturb: float = 0.02,
+        light_distance_range: Sequence[float] = (0.8, 1.5),
+        light_position_perturb: float = 1.0,
+    ):
+        heights, widths = list(heights), list(widths or heights)
+        require(batch_size >= 1, f"cameras.batch_size={batch_size} must be at least 1")
+        require(all(int(h) >= 1 for h in heights + widths), f"cameras.heights/widths {heights}/{widths} must be positive")
+        require(len(heights) == len(widths) == len(resolution_milestones) + 1,
+                f"cameras: {len(heights)} heights need {len(heights) - 1} resolution_milestones, got {list(resolution_milestones)}")
+        self.batch_size, self.heights, self.widths = batch_size, heights, widths
+        self.milestones = list(resolution_milestones)
+        self.distance_range, self.fovy_range = tuple(distance_range), tuple(fovy_range)
+        self.elevation_range, self.azimuth_range = tuple(elevation_range), tuple(azimuth_range)
+        self.stratified_azimuth = stratified_azimuth
+        self.camera_perturb, self.center_perturb, self.up_perturb = camera_perturb, center_perturb, up_perturb
+        self.light_distance_range, self.light_position_perturb = tuple(light_distance_range), light_position_perturb
+
+    def resolution(self, step: int) -> tuple[int, int]:
+        idx = sum(step >= m for m in self.milestones)
+        return int(self.heights[idx]), int(self.widths[idx])
+
+    def sample(self, step: int, generator: torch.Generator) -> CameraBatch:
+        """Cameras for training step `step`, drawn from `generator` (CPU) for reproducibility."""
+        b, g = self.batch_size, generator
+        lo, hi = self.azimuth_range
+        if self.stratified_azimuth:
+            azimuth = lo + (hi - lo) * (torch.rand(1, generator=g) + torch.arange(b)) / b
+        else:
+            azimuth = _uniform(lo, hi, b, g)
+        elevation = _uniform(*self.elevation_range, b, g)
+        distance = _uniform(*self.distance_range, b, g)
+        fovy = _uniform(*self.fovy_range, b, g)
+        eye = spherical_position(azimuth, elevation, distance)
+        eye = eye + self.camera_perturb * (torch.rand(b, 3, generator=g) * 2 - 1)
+        center = self.center_perturb * torch.randn(b, 3, generator=g)
+        up = torch.tensor([0.0, 0.0, 1.0]).expand(b, 3) + self.up_perturb * torch.randn(b, 3, generator=g)
+        light_dir = F.normalize(eye + self.light_position_perturb * torch.randn(b, 3, generator=g), dim=-1)
+        light = light_dir * _uniform(*self.light_distance_range, b, g).unsqueeze(-1)
+        height, width = self.resolution(step)
+        return CameraBatch(
+            c2w=look_at(eye, center, F.normalize(up, dim=-1)), fovy_deg=fovy, azimuth_deg=azimuth - 360.0 * (azimuth > 180),
+            elevation_deg=elevation, distance=distance, light_position=light, height=height, width=width,
+        )

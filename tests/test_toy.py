@@ -1,0 +1,135 @@
+"""The offline toy world: data, the closed-form prior, the classifier, determinism."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perpneg3d.cameras import CameraBatch, look_at, spherical_position
+from perpneg3d.errors import ConfigError
+from perpneg3d.guidance.ddim_sampler import sample
+from perpneg3d.prompts.views import view_labels
+from perpneg3d.toy.classifier import ToyViewClassifier
+from perpneg3d.toy.dataset import ToyDataset
+from perpneg3d.toy.objects import render_objects
+from perpneg3d.toy.prior import ToyPrior
+
+
+@pytest.fixture(scope="module")
+def small_world():
+    return ToyDataset(num_images=300, seed=3)
+
+
+@pytest.fixture(scope="module")
+def prior(small_world):
+    return ToyPrior(small_world, device="cpu")
+
+
+def test_dataset_is_seeded_and_cached_by_parameters(tmp_path):
+    a = ToyDataset(num_images=120, seed=5, cache_dir=str(tmp_path / "a"))
+    b = ToyDataset(num_images=120, seed=5, cache_dir=str(tmp_path / "b"))
+    c = ToyDataset(num_images=120, seed=6, cache_dir=str(tmp_path / "a"))
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert not torch.equal(a.images, c.images)
+    assert len(list((tmp_path / "a").glob("toy_*.pt"))) == 2  # a parameter change is a new cache entry
+    again = ToyDataset(num_images=120, seed=5, cache_dir=str(tmp_path / "a"))
+    assert torch.equal(again.images, a.images)
+
+
+def test_dataset_mimics_web_captions():
+    data = ToyDataset()  # the default world, 3000 images
+    shares = torch.bincount(data.view_idx, minlength=3).float() / len(data)
+    assert torch.allclose(shares, torch.tensor([0.6, 0.25, 0.15]), atol=0.03)
+    named = data.caption_view >= 0
+    assert abs(named.float().mean() - 0.33) < 0.03
+    wrong = (data.caption_view[named] != data.view_idx[named]).float().mean()
+    assert abs(wrong - 0.2) < 0.04
+    assert data.captions[0].startswith("a toy ") and data.images.shape == (3000, 3, 32, 32)
+
+
+def test_denoiser_matches_a_per_item_reference(small_world, prior):
+    idx = torch.arange(0, 300, 15)  # 20 items, computed the slow, obvious way in float64
+    x = (small_world.images * 2 - 1).flatten(1).double()
+    emb = prior.embed(["a toy dog, side view"])
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(1, 3, 32, 32, generator=g)
+    t = torch.tensor([500])
+    abar = prior.alphas_cumprod[500].double()
+    sub = ToyPrior.__new__(ToyPrior)
+    sub.__dict__.update(prior.__dict__)
+    sub.data, sub.caption_emb = prior.data[idx], prior.caption_emb[idx]
+    sub.mean = sub.data.mean(0)
+    sub.data_centered = sub.data - sub.mean
+    sub.data_sqnorm = (sub.data_centered ** 2).sum(1)
+    logp = torch.log_softmax((emb.double() @ prior.caption_emb[idx].double().T) / prior.tau, -1)[0]
+    logits = torch.stack([logp[i] - ((x_t.double().flatten() - abar.sqrt() * x[j]) ** 2).sum() / (2 * (1 - abar))
+                          for i, j in enumerate(idx.tolist())])
+    w = torch.softmax(logits, 0)
+    x0 = (w[:, None] * x[idx]).sum(0)
+    eps_ref = (x_t.double().flatten() - abar.sqrt() * x0) / (1 - abar).sqrt()
+    assert torch.allclose(sub.eps(x_t, t, emb).double().flatten(), eps_ref, atol=1e-3)
+
+
+def test_at_small_t_the_denoiser_returns_the_noise(small_world, prior):
+    g = torch.Generator().manual_seed(1)
+    x0 = small_world.images[[7, 42]] * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 0])
+    abar = prior.alphas_cumprod[0]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    eps = prior.eps(x_t, t, prior.embed(["a toy dog", ""]))
+    assert torch.allclose(eps, noise, atol=1e-3)
+
+
+def test_posterior_weights_sum_to_one_and_empty_prompt_is_unconditional(prior):
+    emb = prior.embed(["", "a toy cat, back view"])
+    assert emb[0].abs().sum() == 0
+    logp = prior.log_prior(emb)
+    assert torch.allclose(logp[0], torch.full_like(logp[0], -torch.log(torch.tensor(300.0))))  # uniform
+    x_t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    w, _ = prior.posterior(x_t, torch.tensor([900, 300]), emb)
+    assert torch.allclose(w.sum(1), torch.ones(2)) and (w >= 0).all()
+    cat = torch.tensor([c.startswith("a toy cat") for c in prior.dataset.captions])
+    w_hi, _ = prior.posterior(x_t, torch.tensor([999, 999]), emb)
+    assert w_hi[1, cat].sum() > 0.99 and abs(w_hi[0, cat].sum() - cat.float().mean()) < 0.1
+
+
+def test_unknown_object_lists_the_known_ones(prior):
+    with pytest.raises(ConfigError, match=r"names no object the toy prior knows: use one of dog .*cat .*car"):
+        prior.embed(["a teapot"])
+    prior.embed(["a corgi standing, side view"])  # a synonym is fine
+
+
+def test_same_seed_same_samples(prior):
+    emb = prior.embed(["", "a toy car, side view", "a toy car, front view"])
+    a = sample(prior, emb, torch.tensor([2.0]), 3, steps=5, generator=torch.Generator().manual_seed(0), progress=False)
+    b = sample(prior, emb, torch.tensor([2.0]), 3, steps=5, generator=torch.Generator().manual_seed(0), progress=False)
+    c = sample(prior, emb, torch.tensor([2.0]), 3, steps=5, generator=torch.Generator().manual_seed(1), progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def held_out(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    az = torch.rand(n, generator=g) * 360 - 180
+    el = torch.rand(n, generator=g) * 30
+    dist = 1.8 + 0.3 * torch.rand(n, generator=g)
+    obj = torch.randint(3, (n,), generator=g)
+    eye = spherical_position(az, el, dist)
+    cams = CameraBatch(look_at(eye, torch.zeros_like(eye)), torch.full((n,), 40.0), az, el, dist, eye, 32, 32)
+    names = ["dog", "cat", "car"]
+    return render_objects([names[i] for i in obj.tolist()], cams, supersample=2), obj, view_labels(az, torch.zeros(n))
+
+
+def test_classifier_accuracy_on_held_out_renders():
+    clf = ToyViewClassifier()
+    images, obj, view = held_out(300, seed=11)
+    pred = clf(images)
+    accuracy = ((pred.object_idx == obj) & (pred.view_idx == view)).float().mean()
+    assert accuracy >= 0.95
+    blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    saturated = ((images - 0.5) * 2 + 0.5).clamp(0, 1)
+    for variant in (blurred, saturated):
+        p = clf(variant)
+        assert ((p.object_idx == obj) & (p.view_idx == view)).float().mean() >= 0.9
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    disc = ((xx / 0.5) ** 2 + (yy / 0.4) ** 2 < 1).float()
+    blob = 1 - disc * (1 - torch.tensor([0.3, 0.6, 0.3]).view(3, 1, 1))
+    assert clf(blob.unsqueeze(0)).object_idx.item() == -1  # a blob is no object
