@@ -13,6 +13,7 @@ from torch import Tensor
 from perpneg3d.errors import require
 from perpneg3d.guidance.denoiser import add_noise
 from perpneg3d.guidance.perpneg import MODES, combine
+from perpneg3d.schedules import Ramp, check_ramp, ramp
 
 
 @dataclass
@@ -26,8 +27,10 @@ class SDSOutput:
 class ScoreDistillation:
     """Perp-Neg SDS against any denoiser (Stable Diffusion, the toy prior, or your own class).
 
-    t ~ U[min_step_percent, max_step_percent] * T per sample; the upper bound anneals linearly to
-    max_step_percent_end between anneal_start_step and anneal_end_step when that is set.
+    t ~ U[min_step_percent, max_step_percent] * T per sample. Either bound may be a ramp
+    [start_step, start_value, end_value, end_step] (threestudio's convention): e.g. max_step_percent
+    [0, 0.98, 0.5, 5000] anneals the upper bound; min_step_percent [0, 0.6, 0.02, 500] starts with
+    high noise only, so the coarse layout (the view) settles before details (DreamTime's observation).
     weighting "sds": w(t) = 1 - alphas_cumprod[t]; "uniform": w(t) = 1.
     """
 
@@ -36,34 +39,28 @@ class ScoreDistillation:
         denoiser,
         guidance_scale: float = 100.0,
         mode: str = "perpneg",
-        min_step_percent: float = 0.02,
-        max_step_percent: float = 0.98,
-        max_step_percent_end: float | None = None,
-        anneal_start_step: int = 0,
-        anneal_end_step: int = 0,
+        min_step_percent: Ramp = 0.02,
+        max_step_percent: Ramp = 0.98,
         weighting: str = "sds",
         grad_clip: float | None = None,
     ):
         require(mode in MODES, f"guidance.mode={mode!r} is unknown: use one of {', '.join(MODES)}")
         require(weighting in ("sds", "uniform"), f"guidance.weighting={weighting!r} is unknown: use sds or uniform")
-        require(0 <= min_step_percent < max_step_percent <= 1,
-                f"guidance step range [{min_step_percent}, {max_step_percent}] must satisfy 0 <= min < max <= 1")
+        check_ramp(min_step_percent, "guidance.min_step_percent")
+        check_ramp(max_step_percent, "guidance.max_step_percent")
+        for step in (0, 10**9):
+            lo, hi = ramp(min_step_percent, step), ramp(max_step_percent, step)
+            require(0 <= lo < hi <= 1, f"guidance step range [{min_step_percent}, {max_step_percent}] must satisfy 0 <= min < max <= 1")
         require(guidance_scale > 0, f"guidance.guidance_scale={guidance_scale} must be positive")
         self.denoiser, self.guidance_scale, self.mode, self.weighting = denoiser, guidance_scale, mode, weighting
         self.min_step_percent, self.max_step_percent = min_step_percent, max_step_percent
-        self.max_step_percent_end = max_step_percent_end
-        self.anneal_start_step, self.anneal_end_step = anneal_start_step, anneal_end_step
         self.grad_clip = grad_clip
 
     def timestep_range(self, step: int) -> tuple[int, int]:
         """Inclusive [lo, hi] timestep indices at training step `step`."""
-        hi = self.max_step_percent
-        if self.max_step_percent_end is not None and self.anneal_end_step > self.anneal_start_step:
-            frac = min(max((step - self.anneal_start_step) / (self.anneal_end_step - self.anneal_start_step), 0.0), 1.0)
-            hi = hi + frac * (self.max_step_percent_end - hi)
         num = self.denoiser.num_train_timesteps
-        lo_i = int(self.min_step_percent * num)
-        return lo_i, max(lo_i, min(num - 1, int(hi * num)))
+        lo_i = int(ramp(self.min_step_percent, step) * num)
+        return lo_i, max(lo_i, min(num - 1, int(ramp(self.max_step_percent, step) * num)))
 
     def __call__(self, rgb: Tensor, prompts, step: int, generator: torch.Generator) -> SDSOutput:
         """rgb [B,H,W,3] in [0,1] (differentiable); prompts: a PromptBatch of (2+K)*B embeddings."""

@@ -80,8 +80,15 @@ class StableDiffusion:
         except OSError as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelNotFoundError(_missing_model_message(self.name, reason)) from None
+        self._finish_setup(enable_attention_slicing)
+
+    def _finish_setup(self, enable_attention_slicing: bool = False) -> None:
+        """Freeze the modules on the device and derive the schedule and sizes (after loading or building)."""
+        from diffusers import DDIMScheduler
+
         for module in (self.text_encoder, self.vae, self.unet):
-            module.to(self.device).eval().requires_grad_(False)
+            if module is not None:
+                module.to(self.device).eval().requires_grad_(False)
         if enable_attention_slicing:
             self.unet.set_attention_slice("auto")
         scheduler = DDIMScheduler.from_config(self.scheduler_config)

@@ -1,0 +1,5 @@
+"""Geometry: the hash-grid NeRF field (knows nothing of guidance or prompts)."""
+from perpneg3d.geometry.hash_grid import HashGridEncoding, TorchHashGrid
+from perpneg3d.geometry.implicit_volume import ImplicitVolume
+
+__all__ = ["HashGridEncoding", "ImplicitVolume", "TorchHashGrid"]
