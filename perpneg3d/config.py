@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -87,14 +88,24 @@ def instantiate(node, *args, **kwargs):
         if bad and target:
             params = inspect.signature(get_class(target.group(1)).__init__).parameters
             valid = ", ".join(p for p in params if p != "self")
-            raise ConfigError(f"'{bad.group(1)}' is not an argument of {target.group(1)}: valid keys are {valid}") from None
+            where = re.search(r"full_key: (\S+)", str(err))
+            key = f"{where.group(1)}.{bad.group(1)}" if where else bad.group(1)
+            raise ConfigError(f"config key {key} is not an argument of {target.group(1)}: "
+                              f"remove it or use one of {valid}") from None
         raise ConfigError(str(err).strip().splitlines()[0]) from None
+
+
+def quiet_schema_warning() -> None:
+    """configs/hydra/launcher/submitit_slurm.yaml shares its name with the plugin's schema, which Hydra
+    1.3 validates it against (as intended) while warning that this matching is deprecated."""
+    warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
 
 
 def run_script(config_name: str, fn: Callable) -> None:
     """Entry point of every script: pre-check overrides (one-line errors), then run under Hydra."""
     import hydra
 
+    quiet_schema_warning()
     with reported_errors():
         check_overrides(config_name, sys.argv[1:])
 

@@ -1,0 +1,52 @@
+"""Graceful stop on SIGTERM / SIGUSR1 / SIGUSR2 (SLURM's warning and kill signals).
+
+The handler only sets a flag; the training loop checkpoints at the next step boundary and then hands
+the signal to the handler that was installed before ours (submitit's requeue logic under
+hydra-submitit-launcher), or stops cleanly when there is none.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2")) if s is not None)
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint is written, to unwind the training loop."""
+
+
+class PreemptionHandler:
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "PreemptionHandler":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is None:
+            log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+        self.signum = signum
+        self._frame = frame
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def hand_over(self) -> None:
+        """After checkpointing: call the previously installed handler (e.g. submitit requeue), if any."""
+        previous = self._previous.get(self.signum)
+        self.__exit__()
+        if callable(previous):
+            previous(self.signum, getattr(self, "_frame", None))

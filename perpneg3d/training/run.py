@@ -1,0 +1,103 @@
+"""Wires a composed config into a training run: components in order, the run folder, resume, outputs."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from perpneg3d.config import instantiate
+from perpneg3d.errors import require
+from perpneg3d.prompts import validate_prompt
+from perpneg3d.run_dir import check_writable, new_run_dir
+from perpneg3d.training.checkpoint import latest_valid_checkpoint, resolve_resume
+from perpneg3d.training.preemption import Preempted
+
+log = logging.getLogger(__name__)
+
+
+def slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "run"
+
+
+def hydra_job_dir() -> Path | None:
+    """The job folder Hydra made for this job in a multirun (sweep) launch, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.runtime.output_dir) if hc.mode == RunMode.MULTIRUN else None
+
+
+def prepare_run_dir(cfg: DictConfig) -> tuple[Path, dict | None]:
+    """(run folder, checkpoint state or None): resume=..., a requeued sweep job, or a fresh folder."""
+    if cfg.resume:
+        run_dir, path, state = resolve_resume(str(cfg.resume))
+        check_writable(run_dir)
+        log.info("resuming from %s (step %d)", path, state["step"])
+        return run_dir, state
+    job_dir = hydra_job_dir()
+    if job_dir is not None:  # sweep job: Hydra's folder; a requeued job finds its own checkpoints there
+        job_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(job_dir)
+        found = latest_valid_checkpoint(job_dir)
+        if found is not None:
+            log.info("requeued job: resuming from %s", found[0])
+        return job_dir, (found[1] if found else None)
+    return new_run_dir(Path(cfg.out_dir) / (cfg.name or slug(cfg.prompt))), None
+
+
+def janus_evaluator(cfg: DictConfig, denoiser, cameras, run_dir: Path):
+    """Closure computing Janus metrics at the end of training, when a view classifier is at hand."""
+    if cfg.evaluate_janus is False or (cfg.evaluate_janus == "auto" and not hasattr(denoiser, "view_classifier")):
+        return None
+    from perpneg3d.evaluation.classifiers import classifier_for
+    from perpneg3d.evaluation.janus import janus_metrics
+
+    classifier = classifier_for(denoiser, cfg.prompt)
+    cam = getattr(classifier, "camera", None) or dict(distance=sum(cameras.distance_range) / 2,
+                                                       fovy_deg=sum(cameras.fovy_range) / 2, resolution=224)
+
+    def evaluate(geometry, renderer):
+        return janus_metrics(geometry, renderer, classifier, cfg.prompt, strip_path=run_dir / "janus_strip.png", **cam)
+
+    return evaluate
+
+
+def train(cfg: DictConfig) -> Path:
+    """Run (or resume) one training job; returns its run folder."""
+    validate_prompt(cfg.prompt)
+    require(isinstance(cfg.seed, int), f"seed={cfg.seed!r} must be an integer")
+    run_dir, state = prepare_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(cfg.seed)
+    trainer = instantiate(cfg.trainer)
+    cameras = instantiate(cfg.cameras)
+    prompts = instantiate(cfg.prompts)
+    guidance = instantiate(cfg.guidance)
+    geometry = instantiate(cfg.geometry)
+    renderer = instantiate(cfg.renderer)
+    exporter = instantiate(cfg.export) if cfg.get("export") and "_target_" in cfg.export else None
+    prompts(guidance.denoiser, torch.zeros(1), torch.zeros(1))  # embeds the view texts now: bad prompts fail before step 0
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"))
+    log.info("run folder %s | geometry %s | renderer %s | device %s", run_dir, geometry.encoding.implementation,
+             renderer.backend, getattr(guidance.denoiser, "device", "cpu"))
+    try:
+        metrics = trainer.fit(geometry, renderer, guidance, prompts, cameras, run_dir, seed=cfg.seed, state=state,
+                              writer=writer, evaluate=janus_evaluator(cfg, guidance.denoiser, cameras, run_dir),
+                              export=exporter)
+    except Preempted:
+        print(f"interrupted: checkpoint saved; resume with: python train.py resume={run_dir}")
+        return run_dir
+    finally:
+        writer.close()
+    janus = metrics.get("janus")
+    summary = f" | front_share {janus['front_share']:.2f} view_acc_aligned {janus['view_acc_aligned']:.2f}" if janus else ""
+    print(f"done: {run_dir} ({metrics['seconds_per_step'] * 1000:.0f} ms/step){summary}")
+    return run_dir

@@ -1,0 +1,210 @@
+"""The optimisation loop: cameras -> render -> view prompts -> Perp-Neg SDS -> regularisers -> Adam."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from perpneg3d.errors import NumericalError, require
+from perpneg3d.schedules import ramp
+from perpneg3d.training.checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
+from perpneg3d.training.preemption import Preempted, PreemptionHandler
+from perpneg3d.training.timing import NULL_TIMER, PhaseTimer
+from perpneg3d.training.visuals import render_turntable, validation_grid
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LRS = {"geometry.encoding": 0.01, "geometry.density_mlp": 0.001, "geometry.albedo_mlp": 0.001,
+               "renderer.background": 0.001}
+
+
+def write_progress(run_dir: Path, step: int, max_steps: int, metrics: dict, counters: dict) -> None:
+    """progress.json: the step a run has reached and its latest losses (for people and cluster scripts)."""
+    tmp = run_dir / ".progress.json.tmp"
+    tmp.write_text(json.dumps(dict(step=step, max_steps=max_steps, time=time.time(), metrics=metrics,
+                                   nonfinite_steps=counters["nonfinite_steps"])))
+    os.replace(tmp, run_dir / "progress.json")
+
+
+class Trainer:
+    """Hyper-parameters of a run; fit() trains the given components and writes the run folder."""
+
+    def __init__(
+        self,
+        max_steps: int = 10000,
+        learning_rates: Mapping[str, float] | None = None,
+        betas: Sequence[float] = (0.9, 0.99),
+        eps: float = 1e-15,
+        lambda_sds: float = 1.0,
+        lambda_orient=(0, 10.0, 1000.0, 5000),
+        lambda_sparsity: float = 1.0,
+        lambda_opaque: float = 0.0,
+        lambda_z_variance: float = 0.0,
+        val_every: int = 200,
+        val_resolution: int = 128,
+        ckpt_every: int = 500,
+        keep_checkpoints: int = 3,
+        log_every: int = 10,
+        turntable_frames: int = 120,
+        turntable_fps: int = 30,
+        turntable_resolution: int = 256,
+        turntable_elevation: float = 15.0,
+        max_nonfinite_steps: int = 20,
+        progress: bool = True,
+    ):
+        require(max_steps >= 1, f"trainer.max_steps={max_steps} must be at least 1")
+        require(val_resolution >= 1 and turntable_resolution >= 1, "trainer.val_resolution and turntable_resolution must be positive")
+        require(ckpt_every >= 1 and val_every >= 1 and log_every >= 1, "trainer.ckpt_every, val_every and log_every must be at least 1")
+        self.max_steps, self.lrs = max_steps, dict(learning_rates or DEFAULT_LRS)
+        self.betas, self.eps = tuple(betas), eps
+        self.lambdas = dict(sds=lambda_sds, orient=lambda_orient, sparsity=lambda_sparsity, opaque=lambda_opaque,
+                            z_variance=lambda_z_variance)
+        self.val_every, self.val_resolution, self.ckpt_every = val_every, val_resolution, ckpt_every
+        self.keep_checkpoints, self.log_every = keep_checkpoints, log_every
+        self.turntable = dict(frames=turntable_frames, fps=turntable_fps, resolution=turntable_resolution,
+                              elevation=turntable_elevation)
+        self.max_nonfinite_steps, self.progress = max_nonfinite_steps, progress
+
+    # -- set-up ------------------------------------------------------------------------------
+    def make_optimizer(self, geometry, renderer) -> torch.optim.Optimizer:
+        groups = {f"geometry.{k}": v for k, v in geometry.param_groups().items()}
+        groups["renderer.background"] = list(renderer.background.parameters())
+        unknown = set(self.lrs) - set(groups)
+        require(not unknown, f"trainer.learning_rates has unknown groups {sorted(unknown)}: use {sorted(groups)}")
+        params = [{"params": p, "lr": self.lrs.get(name, 0.0), "name": name} for name, p in groups.items() if p]
+        return torch.optim.Adam(params, betas=self.betas, eps=self.eps)
+
+    def losses(self, out, sds_loss, step: int) -> dict[str, torch.Tensor]:
+        """SDS plus regularisers (orientation, sparsity, opacity, z-variance), weighted at `step`."""
+        terms = {"sds": sds_loss}
+        if out.orientation is not None and ramp(self.lambdas["orient"], step) > 0:
+            terms["orient"] = out.orientation.sum() / (out.opacity > 0).sum().clamp_min(1)
+        terms["sparsity"] = (out.opacity ** 2 + 0.01).sqrt().mean()
+        opacity = out.opacity.clamp(1e-3, 1 - 1e-3)
+        terms["opaque"] = torch.nn.functional.binary_cross_entropy(opacity, opacity.round().detach())
+        visible = out.opacity > 0.5
+        terms["z_variance"] = out.z_variance[visible].mean() if visible.any() else out.z_variance.sum() * 0
+        return {k: v * ramp(self.lambdas[k], step) for k, v in terms.items()}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self, geometry, renderer, guidance, prompts, cameras, run_dir: Path, seed: int = 0,
+            state: dict | None = None, writer=None, evaluate=None, export=None) -> dict:
+        """Train to max_steps (from `state` when resuming); returns the metrics written to metrics.json."""
+        run_dir = Path(run_dir)
+        device = getattr(guidance.denoiser, "device", torch.device("cpu"))
+        geometry.to(device).train()
+        renderer.to(device).train()
+        optimizer = self.make_optimizer(geometry, renderer)
+        generator = torch.Generator().manual_seed(seed)
+        start, counters = 0, {"nonfinite_steps": 0, "nonfinite_streak": 0, "train_seconds": 0.0}
+        if state is not None:
+            geometry.load_state_dict(state["geometry"])
+            renderer.load_state_dict(state["renderer"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])  # nerfacc's occupancy-grid updates draw from it
+            start, counters = int(state["step"]), dict(state.get("counters", counters))
+            log.info("resumed at step %d", start)
+        geometry.update_step(start)
+        ctx = dict(geometry=geometry, renderer=renderer, optimizer=optimizer, generator=generator, counters=counters, run_dir=run_dir)
+        bar = tqdm(range(start, self.max_steps), initial=start, total=self.max_steps, desc="train", disable=not self.progress)
+        last = {}
+        with PreemptionHandler() as stop:
+            for step in bar:
+                t0 = time.perf_counter()
+                last = self.train_step(step, geometry, renderer, guidance, prompts, cameras, optimizer, generator, counters)
+                counters["train_seconds"] += time.perf_counter() - t0
+                done = step + 1
+                if last.get("skipped"):
+                    if counters["nonfinite_streak"] >= self.max_nonfinite_steps:
+                        path = self.checkpoint(done, ctx)
+                        raise NumericalError(f"{counters['nonfinite_streak']} consecutive steps had NaN/inf in the loss or "
+                                             f"gradient (step {done}); last good state saved to {path}: lower the learning "
+                                             "rates or guidance_scale, or set guidance.grad_clip")
+                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4g}", ms=f"{1000 * (time.perf_counter() - t0):.0f}")
+                if done % self.log_every == 0 or done == self.max_steps:
+                    write_progress(run_dir, done, self.max_steps, last, counters)
+                    if writer is not None:
+                        for key, value in last.items():
+                            writer.add_scalar(f"train/{key}", value, done)
+                if done % self.val_every == 0 or done == self.max_steps:
+                    self.validate(done, geometry, renderer, cameras, run_dir, writer)
+                if stop.requested:
+                    path = self.checkpoint(done, ctx)
+                    bar.close()
+                    log.warning("stopped at step %d; checkpoint %s; resume with resume=%s", done, path, run_dir)
+                    stop.hand_over()
+                    raise Preempted(str(run_dir))
+                if done % self.ckpt_every == 0 and done < self.max_steps:
+                    self.checkpoint(done, ctx)
+        self.checkpoint(self.max_steps, ctx)
+        return self.finish(geometry, renderer, cameras, run_dir, counters, last, evaluate, export)
+
+    def train_step(self, step, geometry, renderer, guidance, prompts, cameras, optimizer, generator, counters,
+                   timer: PhaseTimer = NULL_TIMER) -> dict:
+        geometry.update_step(step)
+        renderer.update(step, geometry)  # occupancy grid before rendering, as in nerfacc's examples
+        cams = cameras.sample(step, generator).to(next(geometry.parameters()).device)
+        shading = renderer.material.choose_shading(step, generator)
+        with_normals = ramp(self.lambdas["orient"], step) > 0
+        with timer.phase("render"):
+            out = renderer(geometry, cams, shading=shading, with_normals=with_normals, generator=generator)
+        with timer.phase("prompts"):
+            prompt_batch = prompts(guidance.denoiser, cams.azimuth_deg, cams.elevation_deg)
+        with timer.phase("guidance"):
+            sds = guidance(out.rgb, prompt_batch, step, generator)
+        terms = self.losses(out, sds.loss, step)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        finite = sds.nonfinite == 0 and bool(torch.isfinite(loss))
+        if finite:
+            with timer.phase("backward"):
+                loss.backward()
+            finite = all(torch.isfinite(p.grad).all() for g in optimizer.param_groups for p in g["params"] if p.grad is not None)
+        if not finite:
+            counters["nonfinite_steps"] += 1
+            counters["nonfinite_streak"] += 1
+            log.warning("step %d: NaN/inf in the guidance gradient or loss; step skipped (%d so far)", step, counters["nonfinite_steps"])
+            optimizer.zero_grad(set_to_none=True)
+            return {"skipped": 1.0, "nonfinite_steps": float(counters["nonfinite_steps"])}
+        counters["nonfinite_streak"] = 0
+        with timer.phase("optimizer"):
+            optimizer.step()
+        metrics = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
+        metrics.update(loss=float(loss.detach()), grad_norm=sds.grad_norm, t_mean=float(sds.t.float().mean()),
+                       samples_per_ray=out.num_samples / max(out.rgb.shape[0] * out.rgb.shape[1] * out.rgb.shape[2], 1),
+                       opacity=float(out.opacity.detach().mean()))
+        return metrics
+
+    # -- outputs -----------------------------------------------------------------------------
+    def checkpoint(self, step: int, ctx: dict) -> Path:
+        state = dict(step=step, geometry=ctx["geometry"].state_dict(), renderer=ctx["renderer"].state_dict(),
+                     optimizer=ctx["optimizer"].state_dict(), generator=ctx["generator"].get_state(),
+                     torch_rng=torch.get_rng_state(),
+                     counters=dict(ctx["counters"]))
+        path = save_checkpoint(state, checkpoint_path(ctx["run_dir"], step))
+        prune_checkpoints(ctx["run_dir"], self.keep_checkpoints)
+        return path
+
+    def validate(self, step, geometry, renderer, cameras, run_dir, writer) -> None:
+        grid = validation_grid(geometry, renderer, cameras, self.val_resolution, run_dir / "val" / f"step_{step:07d}.png")
+        if writer is not None:
+            writer.add_image("val/grid", grid, step)
+
+    def finish(self, geometry, renderer, cameras, run_dir, counters, last, evaluate, export) -> dict:
+        video = render_turntable(geometry, renderer, cameras, run_dir / "turntable.mp4", **self.turntable)
+        metrics = {"steps": self.max_steps, "train_seconds": round(counters["train_seconds"], 2),
+                   "seconds_per_step": round(counters["train_seconds"] / max(self.max_steps, 1), 4),
+                   "nonfinite_steps": counters["nonfinite_steps"], "final": last, "turntable": str(video)}
+        if evaluate is not None:
+            metrics["janus"] = evaluate(geometry, renderer)
+        if export is not None:
+            metrics["mesh"] = [str(p) for p in export(geometry, run_dir)]
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        return metrics

@@ -1,0 +1,24 @@
+"""Shared test helpers: composing train.py configs with small, fast settings."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from perpneg3d.config import CONFIG_DIR
+
+# The toy preset shrunk to seconds: 16x16 renders, a small hash grid, a 300-image toy world.
+TINY_TOY = [
+    "experiment=toy", "guidance.denoiser.dataset.num_images=300", "geometry.n_levels=4", "geometry.log2_hashmap_size=12",
+    "geometry.finest_resolution=64", "geometry.start_level=4", "renderer.num_samples_per_ray=16", "cameras.heights=[16]",
+    "cameras.widths=[16]", "trainer.max_steps=6", "trainer.val_every=3", "trainer.ckpt_every=3",
+    "trainer.val_resolution=16", "trainer.turntable_frames=4", "trainer.turntable_resolution=16",
+    "export.resolution=24", "trainer.progress=false",
+]
+
+
+def compose_train(overrides: list[str], out_dir: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides) + [f"out_dir={out_dir}"])
