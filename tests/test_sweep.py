@@ -1,0 +1,48 @@
+"""Sweeps through Hydra's submitit launcher, collected into one table; a requeued job resumes."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import TINY_TOY
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = TINY_TOY + ["trainer.max_steps=4", "trainer.val_every=4", "trainer.ckpt_every=4", "~export"]
+
+
+def run(args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_submitit_local_sweep_and_collect(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run(["train.py", "-m", "seed=0,1", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}",
+                "hydra.launcher.timeout_min=10", *FAST])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").exists())
+    assert [j.name for j in jobs] == ["0", "1"]  # one run folder per job
+    collected = run(["scripts/collect_sweep.py", str(sweep)])
+    assert collected.returncode == 0, collected.stderr
+    rows = list(csv.DictReader(open(sweep / "sweep.csv")))
+    assert [r["seed"] for r in rows] == ["0", "1"] and all(r["status"] == "done" for r in rows)
+    assert all(0 <= float(r["front_share"]) <= 1 for r in rows)
+    lines = (sweep / "sweep.md").read_text().splitlines()
+    assert len(lines) == 4 and "front_share" in lines[0]  # header, rule, one row per job
+
+
+def test_requeued_sweep_job_resumes_from_its_checkpoint(tmp_path):
+    sweep = tmp_path / "sweep"
+    first = run(["train.py", "-m", "seed=0", f"hydra.sweep.dir={sweep}", *FAST, "trainer.max_steps=3", "trainer.ckpt_every=3"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    # the same job launched again (as submitit does after preemption) continues from step 3
+    again = run(["train.py", "-m", "seed=0", f"hydra.sweep.dir={sweep}", *FAST, "trainer.max_steps=5", "trainer.ckpt_every=3"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "requeued job: resuming from" in again.stdout + again.stderr
+    assert sorted(p.name for p in (sweep / "0" / "ckpts").iterdir()) == ["step_0000003.ckpt", "step_0000005.ckpt"]
+
+
+def test_collect_sweep_rejects_a_wrong_folder(tmp_path):
+    proc = run(["scripts/collect_sweep.py", str(tmp_path / "missing")])
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr
