@@ -110,3 +110,11 @@ def test_empty_field_gives_a_clear_error(tmp_path):
     with pytest.raises(EmptyFieldError, match=r"outside the density range .*try export.threshold="):
         MeshExporter(resolution=16, threshold=500)(SnoutedBlob(), tmp_path)
     assert not list(tmp_path.iterdir())  # no empty file written
+
+
+def test_decimation_to_a_face_budget(tmp_path):
+    full = MeshExporter(formats=["ply"], resolution=64)(SnoutedBlob(), tmp_path / "full")[0]
+    small = MeshExporter(formats=["ply"], resolution=64, max_faces=800)(SnoutedBlob(), tmp_path / "small")[0]
+    n_full, mesh = len(trimesh.load(full).faces), trimesh.load(small, process=False)
+    assert n_full > 3000 and 400 <= len(mesh.faces) <= 800
+    assert abs(mesh.bounds[1][2] - 1.0) < 1e-6  # still standing 1 m tall on z = 0

@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from perpneg3d.errors import ModelNotFoundError
-from perpneg3d.prompts.views import VIEWS, view_labels
+from perpneg3d.prompts.views import view_labels
+
+
+def projected(features):
+    """CLIP's projected embeddings: a tensor (transformers 4) or the output's pooler_output (5)."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
 
 
 class ClipViewClassifier:
@@ -36,7 +41,7 @@ class ClipViewClassifier:
         texts = [f"a photo of {prompt}, {v} view" for v in self.views] + list(self.DISTRACTORS)
         with torch.no_grad():
             tok = self.processor(text=texts, return_tensors="pt", padding=True).to(device)
-            self.text_features = F.normalize(self.model.get_text_features(**tok), dim=-1)
+            self.text_features = F.normalize(projected(self.model.get_text_features(**tok)), dim=-1)
 
     def object_index(self, prompt: str) -> int:
         return 0
@@ -49,7 +54,7 @@ class ClipViewClassifier:
         x = F.interpolate(rgb.float().clamp(0, 1), (size, size), mode="bilinear", align_corners=False)
         mean = torch.tensor(self.processor.image_processor.image_mean).view(1, 3, 1, 1)
         std = torch.tensor(self.processor.image_processor.image_std).view(1, 3, 1, 1)
-        feats = F.normalize(self.model.get_image_features(pixel_values=((x - mean) / std).to(self.device)), dim=-1)
+        feats = F.normalize(projected(self.model.get_image_features(pixel_values=((x - mean) / std).to(self.device))), dim=-1)
         probs = (100 * feats @ self.text_features.T).softmax(-1).cpu()
         best = probs.argmax(-1)
         is_view = best < len(self.views)
@@ -64,5 +69,3 @@ def classifier_for(denoiser, prompt: str, clip_model: str = "openai/clip-vit-bas
         return denoiser.view_classifier()
     return ClipViewClassifier(prompt, clip_model, device=str(getattr(denoiser, "device", "cpu")))
 
-
-__all__ = ["VIEWS", "ClipViewClassifier", "classifier_for"]

@@ -41,7 +41,7 @@ def sample_grid_near_level(density_fn: Callable[[Tensor], Tensor], lo: Tensor, h
     """A fine grid of at least `resolution` points per side that is exact near the iso-level only.
 
     A coarse grid (one point every `factor` fine points) finds the coarse cells the level crosses;
-    the fine points inside those cells (grown by one cell) are evaluated, everything else is the
+    the fine points inside those cells are evaluated, everything else is the
     coarse grid's trilinear upsampling, which lies on the same side of the level. Marching cubes
     then sees the same surface at a fraction of the queries (surface features smaller than a coarse
     cell can be missed).
@@ -52,8 +52,7 @@ def sample_grid_near_level(density_fn: Callable[[Tensor], Tensor], lo: Tensor, h
     fine = F.interpolate(coarse[None, None], size=(n_fine,) * 3, mode="trilinear", align_corners=True)[0, 0]
     corners = torch.stack([coarse[i:n_coarse - 1 + i, j:n_coarse - 1 + j, k:n_coarse - 1 + k]
                            for i in (0, 1) for j in (0, 1) for k in (0, 1)])
-    crossing = (corners.amin(0) <= level) & (corners.amax(0) >= level)
-    crossing = F.max_pool3d(crossing[None, None].float(), 3, 1, 1)  # grow by a cell
+    crossing = ((corners.amin(0) <= level) & (corners.amax(0) >= level))[None, None].float()
     fine_cells = crossing.repeat_interleave(factor, 2).repeat_interleave(factor, 3).repeat_interleave(factor, 4)
     nodes = F.max_pool3d(F.pad(fine_cells, (1, 1, 1, 1, 1, 1)), 2, 1)[0, 0] > 0  # nodes touching a kept cell
     points = torch.nonzero(nodes)
@@ -119,7 +118,7 @@ def occupied_bounds(grid: Tensor, level: float, lo: Tensor, hi: Tensor, margin_v
 
 
 def marching_cubes(grid: Tensor, level: float, lo: Tensor, hi: Tensor):
-    """PyMCubes on the [x,y,z] grid -> trimesh.Trimesh in world units, outward normals."""
+    """PyMCubes on the [x,y,z] grid -> trimesh.Trimesh in world units (clean_mesh orients the normals)."""
     import mcubes
     import trimesh
 
@@ -127,9 +126,7 @@ def marching_cubes(grid: Tensor, level: float, lo: Tensor, hi: Tensor):
     verts, faces = mcubes.marching_cubes(padded, level)  # padding closes surfaces cut by the box
     verts = verts - 1.0
     scale = ((hi - lo) / (grid.shape[0] - 1)).numpy()
-    mesh = trimesh.Trimesh(lo.numpy() + verts * scale, faces.astype(np.int64), process=True)
-    trimesh.repair.fix_normals(mesh, multibody=True)
-    return mesh
+    return trimesh.Trimesh(lo.numpy() + verts * scale, faces.astype(np.int64), process=True)
 
 
 def clean_mesh(mesh, min_component_ratio: float = 0.05, max_faces: int | None = None):

@@ -102,11 +102,17 @@ class TorchHashGrid(nn.Module):
                 w = [f if c else om for f, om, c in zip(frac, one_minus, corner)]
                 weights.append(w[0] * w[1] * w[2])
                 rows.append(self.level_indices(*(b + 1 if c else b for b, c in zip(base, corner)), dense=dense))
-            rows = torch.stack(rows)  # [8,N,l]
-            # one index_select for all vertices: its backward is a single index_add_ into one zeroed
-            # table (embedding's sort-based backward is far slower on CPU)
-            feats = self.embeddings.index_select(0, rows.reshape(-1)).view(*rows.shape, self.n_features)
-            out.append((torch.stack(weights).unsqueeze(-1) * feats).sum(0))
+            if torch.is_grad_enabled() and self.embeddings.requires_grad:
+                # one index_select for all vertices: its backward is a single index_add_ into one zeroed
+                # table (embedding's sort-based backward is far slower on CPU)
+                rows = torch.stack(rows)  # [8,N,l]
+                feats = self.embeddings.index_select(0, rows.reshape(-1)).view(*rows.shape, self.n_features)
+                out.append((torch.stack(weights).unsqueeze(-1) * feats).sum(0))
+            else:  # inference: accumulate vertex by vertex, no [8,N,l,F] intermediate
+                acc = torch.zeros(n, rows[0].shape[1], self.n_features, device=x.device)
+                for w, r in zip(weights, rows):
+                    acc += w.unsqueeze(-1) * self.embeddings.index_select(0, r.reshape(-1)).view(*r.shape, self.n_features)
+                out.append(acc)
         return torch.cat(out, 1).reshape(n, -1)
 
 

@@ -41,7 +41,25 @@ def _positive_mix(abs_az: Tensor, overhead: Tensor) -> tuple[Tensor, Tensor]:
     return mix, r
 
 
-class ExponentialSchedule:
+class ViewSchedule:
+    """Shared frame of the schedules: r and the positive mix from the azimuth, no negatives overhead.
+    Subclasses define negative_weights(r, near) -> (w_front, w_side), near = |azimuth| < 90."""
+
+    overhead_min_deg: float = 60.0
+
+    def negative_weights(self, r: Tensor, near: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, azimuth_deg: Tensor, elevation_deg: Tensor) -> ViewMix:
+        abs_az = wrap_azimuth(azimuth_deg.float()).abs()
+        overhead = elevation_deg > self.overhead_min_deg
+        mix, r = _positive_mix(abs_az, overhead)
+        weights = torch.stack(self.negative_weights(r, abs_az < 90.0), dim=-1)
+        weights[overhead] = 0.0
+        return ViewMix(mix, weights)
+
+
+class ExponentialSchedule(ViewSchedule):
     """threestudio's shifted-exponential schedule (DESIGN.md default; signs flipped to push away).
 
     |a| < 90:  r = 1 - |a|/90, negatives (front, side) weighted (f_fs(r), f_sf(1 - r)).
@@ -60,19 +78,13 @@ class ExponentialSchedule:
         self.f_sb, self.f_fsb = tuple(side_back), tuple(front_side_back)
         self.overhead_min_deg = overhead_min_deg
 
-    def __call__(self, azimuth_deg: Tensor, elevation_deg: Tensor) -> ViewMix:
-        abs_az = wrap_azimuth(azimuth_deg.float()).abs()
-        overhead = elevation_deg > self.overhead_min_deg
-        mix, r = _positive_mix(abs_az, overhead)
-        near = abs_az < 90.0
+    def negative_weights(self, r: Tensor, near: Tensor) -> tuple[Tensor, Tensor]:
         w_front = torch.where(near, shifted_exp(self.f_fs, r), shifted_exp(self.f_fsb, r))
         w_side = torch.where(near, shifted_exp(self.f_sf, 1.0 - r), shifted_exp(self.f_sb, r))
-        weights = torch.stack([w_front, w_side], dim=-1)
-        weights[overhead] = 0.0
-        return ViewMix(mix, weights)
+        return w_front, w_side
 
 
-class StableDreamfusionSchedule:
+class StableDreamfusionSchedule(ViewSchedule):
     """stable-dreamfusion's schedule: decays exp(-front_decay r), exp(-side_decay (1-r)), cut-offs.
 
     |a| < 90:  front weight 0 if r > 0.8 else weight * exp(-front_decay r);
@@ -90,11 +102,7 @@ class StableDreamfusionSchedule:
         self.front_decay, self.side_decay, self.weight = front_decay, side_decay, weight
         self.overhead_min_deg = overhead_min_deg
 
-    def __call__(self, azimuth_deg: Tensor, elevation_deg: Tensor) -> ViewMix:
-        abs_az = wrap_azimuth(azimuth_deg.float()).abs()
-        overhead = elevation_deg > self.overhead_min_deg
-        mix, r = _positive_mix(abs_az, overhead)
-        near = abs_az < 90.0
+    def negative_weights(self, r: Tensor, near: Tensor) -> tuple[Tensor, Tensor]:
         zero = torch.zeros_like(r)
         front_decayed = self.weight * torch.exp(-self.front_decay * r)
         w_front_near = torch.where(r > 0.8, zero, front_decayed)
@@ -102,6 +110,4 @@ class StableDreamfusionSchedule:
         w_side_far = torch.where(r > 0.8, zero, 0.5 * front_decayed)
         w_front = torch.where(near, w_front_near, torch.full_like(r, self.weight))
         w_side = torch.where(near, w_side_near, w_side_far)
-        weights = torch.stack([w_front, w_side], dim=-1)
-        weights[overhead] = 0.0
-        return ViewMix(mix, weights)
+        return w_front, w_side
