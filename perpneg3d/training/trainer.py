@@ -102,17 +102,11 @@ class Trainer:
         renderer.to(device).train()
         optimizer = self.make_optimizer(geometry, renderer)
         generator = torch.Generator().manual_seed(seed)
-        start, counters = 0, {"nonfinite_steps": 0, "nonfinite_streak": 0, "train_seconds": 0.0}
-        if state is not None:
-            geometry.load_state_dict(state["geometry"])
-            renderer.load_state_dict(state["renderer"])
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])  # nerfacc's occupancy-grid updates draw from it
-            start, counters = int(state["step"]), dict(state.get("counters", counters))
-            log.info("resumed at step %d", start)
+        ctx = dict(geometry=geometry, renderer=renderer, optimizer=optimizer, generator=generator, run_dir=run_dir,
+                   counters={"nonfinite_steps": 0, "nonfinite_streak": 0, "train_seconds": 0.0})
+        start = self.restore(state, ctx) if state is not None else 0
+        counters = ctx["counters"]
         geometry.update_step(start)
-        ctx = dict(geometry=geometry, renderer=renderer, optimizer=optimizer, generator=generator, counters=counters, run_dir=run_dir)
         bar = tqdm(range(start, self.max_steps), initial=start, total=self.max_steps, desc="train", disable=not self.progress)
         last = {}
         with PreemptionHandler() as stop:
@@ -182,7 +176,19 @@ class Trainer:
                        opacity=float(out.opacity.detach().mean()))
         return metrics
 
-    # -- outputs -----------------------------------------------------------------------------
+    # -- checkpoints and outputs --------------------------------------------------------------
+    @staticmethod
+    def restore(state: dict, ctx: dict) -> int:
+        """Load a checkpoint into the run's objects (the inverse of checkpoint()); returns its step."""
+        ctx["geometry"].load_state_dict(state["geometry"])
+        ctx["renderer"].load_state_dict(state["renderer"])
+        ctx["optimizer"].load_state_dict(state["optimizer"])
+        ctx["generator"].set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # nerfacc's occupancy-grid updates draw from it
+        ctx["counters"] = dict(state.get("counters", ctx["counters"]))
+        log.info("resumed at step %d", state["step"])
+        return int(state["step"])
+
     def checkpoint(self, step: int, ctx: dict) -> Path:
         state = dict(step=step, geometry=ctx["geometry"].state_dict(), renderer=ctx["renderer"].state_dict(),
                      optimizer=ctx["optimizer"].state_dict(), generator=ctx["generator"].get_state(),
