@@ -10,7 +10,7 @@ from pathlib import Path
 from perpneg3d.config import run_script
 from perpneg3d.devices import resolve_device
 from perpneg3d.errors import require
-from perpneg3d.evaluation.janus import janus_metrics
+from perpneg3d.evaluation.janus import classifier_camera, janus_metrics
 from perpneg3d.training.run_loading import load_run, view_classifier_from_config
 
 
@@ -18,8 +18,7 @@ def main(cfg) -> None:
     require(cfg.run, "run=<folder> is required: the run folder to evaluate (outputs/<name>/<timestamp>)")
     run_cfg, geometry, renderer, cameras, step = load_run(cfg.run, str(resolve_device(cfg.device)))
     classifier = view_classifier_from_config(run_cfg, run_cfg.prompt, cfg.clip_model)
-    cam = getattr(classifier, "camera", None) or dict(distance=sum(cameras.distance_range) / 2,
-                                                       fovy_deg=sum(cameras.fovy_range) / 2, resolution=224)
+    cam = classifier_camera(classifier, cameras)
     run_dir = Path(cfg.run) if Path(cfg.run).is_dir() else Path(cfg.run).parent.parent
     scores = janus_metrics(geometry, renderer, classifier, run_cfg.prompt, elevation=cfg.elevation,
                            n_azimuths=cfg.n_azimuths, strip_path=run_dir / "janus_strip.png", **cam)

@@ -18,6 +18,13 @@ from perpneg3d.renderer.orbit import render_rgb
 JANUS_FRONT_MAX, JANUS_ALIGNED_MIN = 0.5, 0.8
 
 
+def classifier_camera(classifier, cameras) -> dict:
+    """How to render views for `classifier`: the toy classifier's own reference camera, else the middle
+    of the training camera distribution at CLIP's input size."""
+    return getattr(classifier, "camera", None) or dict(
+        distance=sum(cameras.distance_range) / 2, fovy_deg=sum(cameras.fovy_range) / 2, resolution=224)
+
+
 def janus_scores(pred_view: torch.Tensor, pred_ok: torch.Tensor, azimuth_deg: torch.Tensor) -> dict:
     """Scores from predicted labels [N] (valid where pred_ok) for cameras at azimuth_deg [N] (uniform steps)."""
     n = len(azimuth_deg)

@@ -13,7 +13,7 @@ from torch import Tensor
 from perpneg3d.cameras import orbit_cameras
 from perpneg3d.errors import ConfigError
 from perpneg3d.prompts.views import view_labels
-from perpneg3d.toy.dataset import ToyDataset, default_cache_dir
+from perpneg3d.toy.dataset import default_cache_dir, load_cached, save_cached
 from perpneg3d.toy.objects import check_objects, render_objects
 from perpneg3d.toy.text import object_of
 
@@ -61,12 +61,12 @@ class ToyViewClassifier:
                       distance=distance, fovy=fovy_deg, size=feature_size, version=1)
         key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
         path = (default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()) / f"classifier_{key}.pt"
-        cached = ToyDataset._load(path)
+        cached = load_cached(path)
         if cached is None:
             cams = orbit_cameras(grid_az.repeat(len(self.objects)), grid_el.repeat(len(self.objects)), distance, fovy_deg, resolution)
             names = [self.objects[i] for i in self.ref_object.tolist()]
             cached = {"features": normalised_features(render_objects(names, cams, supersample=2), feature_size)}
-            ToyDataset._save(cached, path)
+            save_cached(cached, path)
         self.ref_features = cached["features"]
 
     def object_index(self, prompt: str) -> int:

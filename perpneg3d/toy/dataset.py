@@ -24,6 +24,28 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PERPNEG3D_CACHE", "~/.cache/perpneg3d")).expanduser() / "toy"
 
 
+def load_cached(path: Path):
+    """A cached tensor dict, or None when absent or unreadable (a truncated cache is rebuilt, never trusted)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:
+        log.warning("cache %s unreadable (%s); rebuilding", path, err)
+        return None
+
+
+def save_cached(data: dict, path: Path) -> None:
+    """Write a cache file atomically; failing to cache only costs a rebuild next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not cache %s (%s); it will be rebuilt next time", path, err)
+
+
 def sample_azimuths(view_idx: Tensor, g: torch.Generator) -> Tensor:
     """Uniform azimuth inside each label's range: front |a|<45, side 45..135 (either sign), back >135."""
     u = torch.rand(len(view_idx), generator=g)
@@ -70,10 +92,10 @@ class ToyDataset:
         self.distance_range, self.elevation_range = tuple(distance_range), tuple(elevation_range)
         key = hashlib.sha1(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:16]
         path = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / f"toy_{key}.pt"
-        data = self._load(path)
+        data = load_cached(path)
         if data is None:
             data = self._build()
-            self._save(data, path)
+            save_cached(data, path)
         self.images = data["images"].float() / 255.0
         self.captions = data["captions"]
         for name in ("object_idx", "view_idx", "caption_view", "azimuth_deg", "elevation_deg"):
@@ -81,26 +103,6 @@ class ToyDataset:
 
     def __len__(self) -> int:
         return len(self.captions)
-
-    @staticmethod
-    def _load(path: Path):
-        if not path.exists():
-            return None
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception as err:  # a truncated cache is rebuilt, never trusted
-            log.warning("toy data cache %s unreadable (%s); rebuilding", path, err)
-            return None
-
-    @staticmethod
-    def _save(data: dict, path: Path) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(data, tmp)
-            os.replace(tmp, path)
-        except OSError as err:
-            log.warning("could not cache toy data at %s (%s); it will be rebuilt next time", path, err)
 
     def _build(self) -> dict:
         p, g = self.params, torch.Generator().manual_seed(self.params["seed"])

@@ -56,11 +56,10 @@ def janus_evaluator(cfg: DictConfig, denoiser, cameras, run_dir: Path):
     if cfg.evaluate_janus is False or (cfg.evaluate_janus == "auto" and not hasattr(denoiser, "view_classifier")):
         return None
     from perpneg3d.evaluation.classifiers import classifier_for
-    from perpneg3d.evaluation.janus import janus_metrics
+    from perpneg3d.evaluation.janus import classifier_camera, janus_metrics
 
     classifier = classifier_for(denoiser, cfg.prompt)
-    cam = getattr(classifier, "camera", None) or dict(distance=sum(cameras.distance_range) / 2,
-                                                       fovy_deg=sum(cameras.fovy_range) / 2, resolution=224)
+    cam = classifier_camera(classifier, cameras)
 
     def evaluate(geometry, renderer):
         return janus_metrics(geometry, renderer, classifier, cfg.prompt, strip_path=run_dir / "janus_strip.png", **cam)
