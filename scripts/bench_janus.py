@@ -9,7 +9,6 @@ results.md and montage.png (rows: runs; columns: azimuth 0, 45, ..., 315 at elev
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from hydra import compose
@@ -55,7 +54,7 @@ def main(cfg) -> None:
                 "front_share", "view_acc", "view_acc_aligned", "janus_free", "best_rotation_deg")}))
             print(f"{method} seed {seed}: front_share {janus['front_share']:.2f} view_acc {janus['view_acc']:.2f} "
                   f"aligned {janus['view_acc_aligned']:.2f} janus_free {janus['janus_free']}", flush=True)
-            run_cfg, geometry, renderer, cameras, _ = load_run(run_dir)
+            run_cfg, geometry, renderer, cameras, _, _ = load_run(run_dir)
             res = run_cfg.guidance.denoiser.get("dataset", {}).get("resolution", 64)
             montage.append(render_rgb(geometry, renderer, MONTAGE_AZIMUTHS, torch.full_like(MONTAGE_AZIMUTHS, 15.0),
                                       sum(cameras.distance_range) / 2, sum(cameras.fovy_range) / 2, res))

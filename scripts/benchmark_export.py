@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import trimesh  # noqa: F401  (imported before timing: about 1 s once per process, not part of an export)
 
-    _, geometry, _, _, step = load_run(args.run)
+    _, geometry, _, _, step, _ = load_run(args.run)
     print(f"run {args.run} (step {step}), {torch.get_num_threads()} threads, geometry {geometry.encoding.implementation}")
     print("| resolution | seconds | faces | peak RSS MB (process so far) |\n|---|---|---|---|")
     for res in args.resolutions:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from perpneg3d.config import run_script
 from perpneg3d.devices import resolve_device
@@ -16,10 +15,9 @@ from perpneg3d.training.run_loading import load_run, view_classifier_from_config
 
 def main(cfg) -> None:
     require(cfg.run, "run=<folder> is required: the run folder to evaluate (outputs/<name>/<timestamp>)")
-    run_cfg, geometry, renderer, cameras, step = load_run(cfg.run, str(resolve_device(cfg.device)))
+    run_cfg, geometry, renderer, cameras, step, run_dir = load_run(cfg.run, str(resolve_device(cfg.device)))
     classifier = view_classifier_from_config(run_cfg, run_cfg.prompt, cfg.clip_model)
     cam = classifier_camera(classifier, cameras)
-    run_dir = Path(cfg.run) if Path(cfg.run).is_dir() else Path(cfg.run).parent.parent
     scores = janus_metrics(geometry, renderer, classifier, run_cfg.prompt, elevation=cfg.elevation,
                            n_azimuths=cfg.n_azimuths, strip_path=run_dir / "janus_strip.png", **cam)
     scores["step"] = step

@@ -20,8 +20,7 @@ def main(cfg) -> None:
     if cfg.format:
         OmegaConf.update(cfg, "export.formats", [cfg.format])
     exporter = instantiate(cfg.export)
-    _, geometry, _, _, step = load_run(cfg.run, str(resolve_device(cfg.device)))
-    run_dir = Path(cfg.run) if Path(cfg.run).is_dir() else Path(cfg.run).parent.parent
+    _, geometry, _, _, step, run_dir = load_run(cfg.run, str(resolve_device(cfg.device)))
     paths = exporter(geometry, Path(cfg.out_dir) if cfg.out_dir else run_dir)
     print(f"exported step {step}: " + ", ".join(str(p) for p in paths))
 

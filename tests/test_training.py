@@ -81,7 +81,7 @@ def test_external_prior_plugs_in_by_config_alone(tmp_path):
     from external_prior import ColourPrior
     from perpneg3d.training.run_loading import load_run
 
-    _, geometry, renderer, _, _ = load_run(run_dir)
+    _, geometry, _, _, _, _ = load_run(run_dir)
     target = (ColourPrior().colour("a toy dog") + 1) / 2
     with torch.no_grad():
         pts = torch.randn(256, 3) * 0.1

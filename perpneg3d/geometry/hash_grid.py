@@ -12,7 +12,6 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from perpneg3d.errors import ConfigError

@@ -4,7 +4,6 @@ Armandpour et al. 2023, "Re-imagine the Negative Prompt Algorithm", eq. (4)-(5) 
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from perpneg3d.errors import ConfigError

@@ -9,11 +9,9 @@ of prompts or guidance.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from perpneg3d.cameras import CameraBatch
@@ -96,8 +94,6 @@ class VolumeRenderer(nn.Module):
         """Refresh the occupancy grid every occ_update_every steps (uses the global torch RNG)."""
         if self.estimator is None:
             return
-        if self.estimator.binaries.device != next(geometry.parameters()).device:
-            self.estimator.to(next(geometry.parameters()).device)
         self.estimator.update_every_n_steps(
             step=step, occ_eval_fn=lambda x: geometry.density(x) * self.step_size,
             occ_thre=self.occ_threshold, n=self.occ_update_every)
@@ -132,7 +128,7 @@ class VolumeRenderer(nn.Module):
 
         weights = render_weight_from_density(t_starts, t_ends, density.reshape(t_starts.shape))[0]
         flat_ids = ray_ids.repeat_interleave(n)
-        return flat_ids, t_pos.reshape(-1), points.reshape(-1, 3), weights.reshape(-1), albedo
+        return flat_ids, t_pos.reshape(-1), flat, weights.reshape(-1), albedo
 
     def _occgrid(self, geometry, origins: Tensor, dirs: Tensor):
         """Packed samples of the CUDA backend: nerfacc's occupancy-grid marching."""

@@ -11,7 +11,7 @@ from perpneg3d.training.checkpoint import resolve_resume
 
 
 def load_run(run: str | Path, device: str = "cpu"):
-    """(cfg, geometry, renderer, cameras, step) of a run folder or checkpoint file, in eval mode."""
+    """(cfg, geometry, renderer, cameras, step, run_dir) of a run folder or checkpoint file, in eval mode."""
     run_dir, _, state = resolve_resume(str(run))
     config = run_dir / "config.yaml"
     if not config.is_file():
@@ -26,7 +26,7 @@ def load_run(run: str | Path, device: str = "cpu"):
         raise CheckpointError(f"checkpoint of {run_dir} does not match its config.yaml ({str(err).splitlines()[0]})") from None
     geometry.to(device).eval()
     renderer.to(device).eval()
-    return cfg, geometry, renderer, instantiate(cfg.cameras), int(state["step"])
+    return cfg, geometry, renderer, instantiate(cfg.cameras), int(state["step"]), run_dir
 
 
 def view_classifier_from_config(cfg, prompt: str, clip_model: str):
