@@ -20,7 +20,9 @@ from hydra import compose, initialize_config_dir
 
 from perpneg3d.config import CONFIG_DIR, instantiate
 from perpneg3d.guidance.stable_diffusion import StableDiffusion
+from perpneg3d.random_streams import RandomStreams
 from perpneg3d.training.timing import PhaseTimer, TimedDenoiser
+from perpneg3d.training.trainer import new_counters
 
 # Stable Diffusion 2.1-base (sd2-community mirror) UNet, VAE and scheduler configs.
 SD21_UNET = dict(
@@ -97,14 +99,14 @@ def run(args, perp_neg: bool) -> dict:
     timer = PhaseTimer()
     guidance.denoiser = TimedDenoiser(guidance.denoiser, timer)
     optimizer = trainer.make_optimizer(geometry, renderer)
-    generator, counters = torch.Generator().manual_seed(0), {"nonfinite_steps": 0, "nonfinite_streak": 0}
+    rng, counters = RandomStreams.seeded(0, device), new_counters(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             timer.reset()
         with timer.phase("step"):
-            trainer.train_step(step, geometry, renderer, guidance, prompts, cameras, optimizer, generator, counters, timer)
+            trainer.train_step(step, geometry, renderer, guidance, prompts, cameras, optimizer, rng, counters, timer)
     ms = {k: 1000 * v / args.steps for k, v in timer.seconds.items()}
     ms["guidance_other"] = ms.get("guidance", 0) - ms.get("encode", 0) - ms.get("denoiser", 0)
     return dict(perp_neg=perp_neg, ms=ms, its=1000 / ms["step"], peak_mb=peak_memory_mb(device), device=str(device),

@@ -4,6 +4,7 @@ import torch
 
 from perpneg3d.cameras import RandomCameras, orbit_cameras
 from perpneg3d.geometry import ImplicitVolume
+from perpneg3d.random_streams import RandomStreams
 from perpneg3d.renderer import DiffuseMaterial, SolidBackground, VolumeRenderer, ray_box_intersection
 
 
@@ -28,7 +29,7 @@ def test_shapes_and_ranges(batch):
     geometry, renderer = make()
     cams = RandomCameras(batch_size=batch, heights=[12], widths=[16]).sample(0, torch.Generator().manual_seed(0))
     renderer.update(0, geometry)
-    out = renderer(geometry, cams, shading="lambertian", with_normals=True, generator=torch.Generator().manual_seed(1))
+    out = renderer(geometry, cams, shading="lambertian", with_normals=True, rng=RandomStreams.seeded(1))
     assert out.rgb.shape == (batch, 12, 16, 3) and out.opacity.shape == (batch, 12, 16, 1)
     assert out.normal.shape == (batch, 12, 16, 3) and out.depth.shape == (batch, 12, 16, 1)
     assert out.opacity.min() >= 0 and out.opacity.max() <= 1 + 1e-5
@@ -67,6 +68,6 @@ def test_gradient_reaches_the_field():
     geometry, renderer = make()
     renderer.update(0, geometry)
     cams = orbit_cameras(torch.tensor([30.0]), 10.0, 2.0, 40.0, 8)
-    renderer(geometry, cams, generator=torch.Generator().manual_seed(0)).rgb.mean().backward()
+    renderer(geometry, cams, rng=RandomStreams.seeded(0)).rgb.mean().backward()
     assert geometry.encoding.encoding.embeddings.grad.abs().sum() > 0
     assert all(p.grad is not None for p in geometry.density_mlp.parameters())

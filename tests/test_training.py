@@ -6,6 +6,7 @@ import torch
 
 from helpers import TINY_TOY, compose_train
 from perpneg3d.config import instantiate
+from perpneg3d.random_streams import RandomStreams
 from perpneg3d.training.checkpoint import latest_valid_checkpoint
 from perpneg3d.training.run import train
 
@@ -45,13 +46,13 @@ def test_gradient_reaches_the_field_and_not_the_denoiser(tiny_sd_path, tmp_path)
                          "cameras.widths=[16]", "cameras.batch_size=2"], tmp_path)
     guidance, prompts, cameras = instantiate(cfg.guidance), instantiate(cfg.prompts), instantiate(cfg.cameras)
     geometry, renderer = instantiate(cfg.geometry), instantiate(cfg.renderer)
-    g = torch.Generator().manual_seed(0)
+    rng = RandomStreams.seeded(0)
     renderer.update(0, geometry)
-    cams = cameras.sample(0, g)
-    out = renderer(geometry, cams, generator=g)
+    cams = cameras.sample(0, rng.device)
+    out = renderer(geometry, cams, rng=rng)
     batch = prompts(guidance.denoiser, cams.azimuth_deg, cams.elevation_deg)
     assert batch.text_emb.shape[0] == 4 * 2  # [uncond | pos | neg_front | neg_side] x B in one UNet call
-    sds = guidance(out.rgb, batch, 0, g)
+    sds = guidance(out.rgb, batch, 0, rng.device)
     sds.loss.backward()
     assert geometry.encoding.encoding.embeddings.grad.abs().sum() > 0
     unet, vae = guidance.denoiser.unet, guidance.denoiser.vae

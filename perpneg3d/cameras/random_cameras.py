@@ -11,7 +11,7 @@ from perpneg3d.errors import require
 
 
 def _uniform(lo: float, hi: float, n: int, g: torch.Generator) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=g)
+    return lo + (hi - lo) * torch.rand(n, generator=g, device=g.device)
 
 
 class RandomCameras:
@@ -58,21 +58,22 @@ class RandomCameras:
         return int(self.heights[idx]), int(self.widths[idx])
 
     def sample(self, step: int, generator: torch.Generator) -> CameraBatch:
-        """Cameras for training step `step`, drawn from `generator` (CPU) for reproducibility."""
-        b, g = self.batch_size, generator
+        """Cameras for training step `step`, drawn from `generator` on its own device (the training
+        device in train.py: the cameras are made there, nothing is copied)."""
+        b, g, dev = self.batch_size, generator, generator.device
         lo, hi = self.azimuth_range
         if self.stratified_azimuth:
-            azimuth = lo + (hi - lo) * (torch.rand(1, generator=g) + torch.arange(b)) / b
+            azimuth = lo + (hi - lo) * (torch.rand(1, generator=g, device=dev) + torch.arange(b, device=dev)) / b
         else:
             azimuth = _uniform(lo, hi, b, g)
         elevation = _uniform(*self.elevation_range, b, g)
         distance = _uniform(*self.distance_range, b, g)
         fovy = _uniform(*self.fovy_range, b, g)
         eye = spherical_position(azimuth, elevation, distance)
-        eye = eye + self.camera_perturb * (torch.rand(b, 3, generator=g) * 2 - 1)
-        center = self.center_perturb * torch.randn(b, 3, generator=g)
-        up = torch.tensor([0.0, 0.0, 1.0]).expand(b, 3) + self.up_perturb * torch.randn(b, 3, generator=g)
-        light_dir = F.normalize(eye + self.light_position_perturb * torch.randn(b, 3, generator=g), dim=-1)
+        eye = eye + self.camera_perturb * (torch.rand(b, 3, generator=g, device=dev) * 2 - 1)
+        center = self.center_perturb * torch.randn(b, 3, generator=g, device=dev)
+        up = torch.tensor([0.0, 0.0, 1.0], device=dev).expand(b, 3) + self.up_perturb * torch.randn(b, 3, generator=g, device=dev)
+        light_dir = F.normalize(eye + self.light_position_perturb * torch.randn(b, 3, generator=g, device=dev), dim=-1)
         light = light_dir * _uniform(*self.light_distance_range, b, g).unsqueeze(-1)
         height, width = self.resolution(step)
         return CameraBatch(

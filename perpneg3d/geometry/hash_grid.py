@@ -22,13 +22,34 @@ CORNERS = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)])  # [
 
 
 def import_tcnn():
-    """tinycudann or None (not installed, or no CUDA); never raises."""
+    """tinycudann or None; never raises. Besides ImportError, a tcnn build without kernels for this
+    GPU's architecture raises RuntimeError/OSError (or others) at import: any of them means None."""
     try:
         import tinycudann  # noqa: PLC0415  (optional CUDA dependency)
 
         return tinycudann
-    except (ImportError, OSError, EnvironmentError) as err:
+    except Exception as err:  # noqa: BLE001
         log.debug("tinycudann unavailable: %s", err)
+        return None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0][:200] if text else type(err).__name__)
+
+
+def build_tcnn_encoding(tcnn, config: dict) -> nn.Module | None:
+    """tcnn's encoding after one forward and backward on the current GPU, or None (with one logged
+    line) when tcnn fails there: a build without kernels for this architecture often imports fine
+    and fails only at construction or first use."""
+    try:
+        encoding = tcnn.Encoding(3, config, dtype=torch.float32)
+        probe = torch.rand(128, 3, device="cuda", requires_grad=False)
+        encoding.to("cuda")(probe).float().sum().backward()
+        encoding.zero_grad(set_to_none=True)
+        return encoding
+    except Exception as err:  # noqa: BLE001
+        log.warning("tinycudann fails on this GPU (%s); using the torch hash grid", first_line(err))
         return None
 
 
@@ -136,19 +157,35 @@ class HashGridEncoding(nn.Module):
         if implementation == "tcnn" and tcnn is None:
             raise ConfigError("geometry implementation=tcnn needs CUDA and tinycudann (see README, GPU): "
                               "use implementation=torch or auto")
-        self.implementation = "tcnn" if tcnn is not None else "torch"
         config = dict(otype="HashGrid", n_levels=n_levels, n_features_per_level=n_features_per_level,
                       log2_hashmap_size=log2_hashmap_size, base_resolution=base_resolution, per_level_scale=per_level_scale)
-        if tcnn is not None:
-            self.encoding = tcnn.Encoding(3, config, dtype=torch.float32)
-        else:
+        self.encoding = build_tcnn_encoding(tcnn, config) if tcnn is not None else None
+        if self.encoding is None:
+            if implementation == "tcnn":
+                raise ConfigError("geometry implementation=tcnn: tinycudann fails on this GPU (see the log line above): "
+                                  "use implementation=torch or auto")
             self.encoding = TorchHashGrid(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale)
+        self.implementation = "torch" if isinstance(self.encoding, TorchHashGrid) else "tcnn"
+        # The buffer goes into checkpoints; the Python int mirrors it so forward() never reads a
+        # device tensor on the host (one synchronisation per call on CUDA).
         self.register_buffer("active_levels", torch.tensor(n_levels), persistent=True)
+        self._active = n_levels
+
+    def set_active_levels(self, levels: int) -> None:
+        """Coarse-to-fine: levels past `levels` output zeros."""
+        self._active = int(min(max(levels, 1), self.n_levels))
+        self.active_levels.fill_(self._active)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "active_levels"
+        if key in state_dict:
+            self._active = int(state_dict[key])
 
     def forward(self, x: Tensor) -> Tensor:
         """x [N,3] in [0,1] -> [N, n_levels * n_features] (levels past active_levels zeroed)."""
         feats = self.encoding(x.float()).float()
-        if int(self.active_levels) < self.n_levels:
-            mask = (torch.arange(self.n_levels, device=x.device) < self.active_levels).float()
+        if self._active < self.n_levels:
+            mask = (torch.arange(self.n_levels, device=x.device) < self._active).float()
             feats = feats * mask.repeat_interleave(self.n_features)
         return feats

@@ -61,7 +61,7 @@ class ImplicitVolume(nn.Module):
     def update_step(self, step: int) -> None:
         """Coarse-to-fine schedule of active hash-grid levels."""
         extra = 0 if step < self.start_step else (step - self.start_step) // self.update_steps
-        self.encoding.active_levels.fill_(min(self.encoding.n_levels, self.start_level + extra))
+        self.encoding.set_active_levels(self.start_level + extra)
 
     def _encode(self, points: Tensor) -> Tensor:
         unit = ((points + self.radius) / (2 * self.radius)).clamp(0, 1)

@@ -18,9 +18,12 @@ from perpneg3d.schedules import Ramp, check_ramp, ramp
 
 @dataclass
 class SDSOutput:
+    """One SDS evaluation. Every field is a device tensor, so producing it costs no host sync."""
+
     loss: Tensor  # scalar surrogate whose gradient w.r.t. the render is the SDS gradient
-    grad_norm: float  # mean L2 norm of the per-sample gradient (after clean-up)
-    nonfinite: int  # number of NaN/inf gradient entries that were zeroed
+    grad_norm: Tensor  # scalar: mean L2 norm of the per-sample gradient (after clean-up)
+    nonfinite: Tensor  # scalar int: NaN/inf gradient entries that were zeroed
+    nonfinite_share: Tensor  # scalar: nonfinite / number of gradient entries
     t: Tensor  # [B] sampled timesteps
 
 
@@ -68,8 +71,10 @@ class ScoreDistillation:
         latents = den.encode(rgb.permute(0, 3, 1, 2))
         batch, num_blocks = latents.shape[0], 2 + prompts.num_neg
         lo, hi = self.timestep_range(step)
-        t = torch.randint(lo, hi + 1, (batch,), generator=generator).to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        # drawn on the generator's device (the training device in train.py): no CPU draw, no copy
+        gen_device = generator.device
+        t = torch.randint(lo, hi + 1, (batch,), generator=generator, device=gen_device).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, device=gen_device).to(latents.device)
         with torch.no_grad():
             x_t = add_noise(den, latents.detach(), noise, t)
             reps = (num_blocks,) + (1,) * (latents.dim() - 1)
@@ -80,10 +85,12 @@ class ScoreDistillation:
             eps_hat = combine(eps_all[0], eps_all[1], eps_neg, neg_w, self.guidance_scale, self.mode)
             w = 1 - den.alphas_cumprod.to(latents.device)[t] if self.weighting == "sds" else torch.ones(batch, device=latents.device)
             grad = w.float().view(-1, *([1] * (latents.dim() - 1))) * (eps_hat - noise)
-            nonfinite = int((~torch.isfinite(grad)).sum())
+            # non-finite entries are zeroed and the rest of the batch still trains (threestudio does
+            # the same); the trainer skips the step only when the share is large (docs/method.md)
+            nonfinite = (~torch.isfinite(grad)).sum()
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             if self.grad_clip is not None:
                 grad = grad.clamp(-self.grad_clip, self.grad_clip)
         target = (latents - grad).detach()
         loss = 0.5 * ((latents - target) ** 2).sum() / batch
-        return SDSOutput(loss, float(grad.flatten(1).norm(dim=1).mean()), nonfinite, t)
+        return SDSOutput(loss, grad.flatten(1).norm(dim=1).mean(), nonfinite, nonfinite.float() / grad.numel(), t)

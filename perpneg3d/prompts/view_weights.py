@@ -36,9 +36,9 @@ def _positive_mix(abs_az: Tensor, overhead: Tensor) -> tuple[Tensor, Tensor]:
     mix[:, FRONT] = torch.where(near, r, torch.zeros_like(r))
     mix[:, SIDE] = torch.where(near, 1.0 - r, r)
     mix[:, BACK] = torch.where(near, torch.zeros_like(r), 1.0 - r)
-    mix[overhead] = 0.0
-    mix[overhead, OVERHEAD] = 1.0
-    return mix, r
+    overhead_mix = torch.zeros_like(mix)
+    overhead_mix[:, OVERHEAD] = 1.0
+    return torch.where(overhead.unsqueeze(-1), overhead_mix, mix), r  # where, not a mask: no host sync
 
 
 class ViewSchedule:
@@ -55,8 +55,7 @@ class ViewSchedule:
         overhead = elevation_deg > self.overhead_min_deg
         mix, r = _positive_mix(abs_az, overhead)
         weights = torch.stack(self.negative_weights(r, abs_az < 90.0), dim=-1)
-        weights[overhead] = 0.0
-        return ViewMix(mix, weights)
+        return ViewMix(mix, torch.where(overhead.unsqueeze(-1), torch.zeros_like(weights), weights))
 
 
 class ExponentialSchedule(ViewSchedule):

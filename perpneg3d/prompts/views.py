@@ -26,10 +26,10 @@ def view_labels(
     """Index into VIEWS per camera: front |a| < 45, back |a| > 135, side otherwise; e > 60 overhead."""
     abs_az = wrap_azimuth(azimuth_deg).abs()
     labels = torch.full_like(abs_az, SIDE, dtype=torch.long)
-    labels[abs_az < front_max_deg] = FRONT
-    labels[abs_az > back_min_deg] = BACK
-    labels[elevation_deg > overhead_min_deg] = OVERHEAD
-    return labels
+    # torch.where, not boolean-mask assignment: a mask index is a host sync on CUDA
+    labels = torch.where(abs_az < front_max_deg, FRONT, labels)
+    labels = torch.where(abs_az > back_min_deg, BACK, labels)
+    return torch.where(elevation_deg.to(abs_az.device) > overhead_min_deg, OVERHEAD, labels)
 
 
 def view_prompt(prompt: str, view: str, template: str = "{prompt}, {view} view") -> str:

@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from perpneg3d.random_streams import RandomStreams
+
 
 class SolidBackground(nn.Module):
     """A constant colour (white by default: the toy world's renders are on white)."""
@@ -14,7 +16,7 @@ class SolidBackground(nn.Module):
         super().__init__()
         self.register_buffer("color", torch.tensor(list(color), dtype=torch.float32), persistent=False)
 
-    def forward(self, dirs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, dirs: Tensor, rng: RandomStreams | None = None) -> Tensor:
         """dirs [...,3] -> rgb [...,3]."""
         return self.color.expand(*dirs.shape[:-1], 3)
 
@@ -33,9 +35,12 @@ class NeuralEnvironmentMap(nn.Module):
             dim = width
         self.mlp = nn.Sequential(*layers, nn.Linear(dim, 3))
 
-    def forward(self, dirs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        if self.training and generator is not None and torch.rand(1, generator=generator).item() < self.random_aug_prob:
-            return torch.rand(3, generator=generator).to(dirs.device).expand(*dirs.shape[:-1], 3)
+    def forward(self, dirs: Tensor, rng: RandomStreams | None = None) -> Tensor:
+        """dirs [...,3] -> rgb [...,3]; the augmentation is decided on the host stream (no device sync)
+        and its colour drawn on the device stream."""
+        if self.training and rng is not None and torch.rand(1, generator=rng.host).item() < self.random_aug_prob:
+            color = torch.rand(3, generator=rng.device, device=rng.device.device).to(dirs.device)
+            return color.expand(*dirs.shape[:-1], 3)
         freqs = 2.0 ** torch.arange(self.n_frequencies, device=dirs.device, dtype=dirs.dtype) * torch.pi
         angles = dirs.unsqueeze(-1) * freqs  # [...,3,F]
         enc = torch.cat([dirs, angles.sin().flatten(-2), angles.cos().flatten(-2)], -1)

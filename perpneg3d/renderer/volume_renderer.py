@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from perpneg3d.cameras import CameraBatch
 from perpneg3d.errors import ConfigError, require
+from perpneg3d.random_streams import RandomStreams
+from perpneg3d.renderer import nerfacc_cuda
 
 
 @dataclass
@@ -42,15 +44,14 @@ def ray_box_intersection(origins: Tensor, dirs: Tensor, radius: float) -> tuple[
     return near, torch.maximum(far, near)
 
 
-def nerfacc_cuda_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from nerfacc.cuda import _C  # noqa: F401  (compiles or loads the CUDA extension)
-
-        return _C is not None
-    except Exception:  # no toolchain, wrong arch: fall back to the torch sampler
-        return False
+def ensure_samples(ray_ids: Tensor, t_starts: Tensor, t_ends: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed samples with at least one entry: when the marcher returns none (every ray misses the
+    occupied cells), one zero-length interval on ray 0 keeps the compositing and the backward pass
+    well-defined; it has zero weight (as threestudio's validate_empty_rays). Shapes are known on the
+    host, so the check costs no synchronisation."""
+    if ray_ids.numel() > 0:
+        return ray_ids, t_starts, t_ends
+    return ray_ids.new_zeros(1), t_starts.new_zeros(1), t_ends.new_zeros(1)
 
 
 class VolumeRenderer(nn.Module):
@@ -74,9 +75,10 @@ class VolumeRenderer(nn.Module):
         self.step_size = render_step_size or 1.732 * 2 * radius / 512
         self.occ_update_every, self.occ_threshold, self.near_plane = occ_update_every, occ_threshold, near_plane
         self.chunk_rays, self.normal_weight_threshold = chunk_rays, normal_weight_threshold
-        self.use_marcher = estimator == "occgrid" or (estimator == "auto" and nerfacc_cuda_available())
-        if estimator == "occgrid" and not nerfacc_cuda_available():
-            raise ConfigError("renderer.estimator=occgrid needs CUDA and nerfacc's CUDA kernels: use estimator=stratified")
+        if estimator == "occgrid" and not nerfacc_cuda.available():
+            raise ConfigError(f"renderer.estimator=occgrid needs nerfacc's CUDA kernels ({nerfacc_cuda.probe().reason}): "
+                              "use estimator=auto or stratified (docs/gpu.md says how to build them)")
+        self.use_marcher = estimator == "occgrid" or (estimator == "auto" and nerfacc_cuda.available())
         self.estimator = None
         if self.use_marcher or skip_empty:
             from nerfacc import OccGridEstimator
@@ -98,7 +100,7 @@ class VolumeRenderer(nn.Module):
             step=step, occ_eval_fn=lambda x: geometry.density(x) * self.step_size,
             occ_thre=self.occ_threshold, n=self.occ_update_every)
 
-    def _stratified(self, geometry, origins: Tensor, dirs: Tensor, generator):
+    def _stratified(self, geometry, origins: Tensor, dirs: Tensor, generator: torch.Generator | None):
         """Packed samples of the torch backend: n stratified intervals inside each ray's box segment."""
         near, far = ray_box_intersection(origins, dirs, self.radius)
         ray_ids = torch.nonzero(far > near).squeeze(-1)
@@ -110,7 +112,9 @@ class VolumeRenderer(nn.Module):
         span = (far - near)[ray_ids].unsqueeze(-1)
         t_starts = near[ray_ids].unsqueeze(-1) + span * edges[:-1]
         t_ends = near[ray_ids].unsqueeze(-1) + span * edges[1:]
-        jitter = torch.rand(t_starts.shape, generator=generator).to(origins.device) if (self.training and generator is not None) else 0.5
+        jitter = 0.5
+        if self.training and generator is not None:
+            jitter = torch.rand(t_starts.shape, generator=generator, device=generator.device).to(origins.device)
         t_pos = t_starts + (t_ends - t_starts) * jitter
         points = origins[ray_ids].unsqueeze(1) + dirs[ray_ids].unsqueeze(1) * t_pos.unsqueeze(-1)
         flat = points.reshape(-1, 3)
@@ -141,20 +145,21 @@ class VolumeRenderer(nn.Module):
         ray_ids, t_starts, t_ends = self.estimator.sampling(
             origins, dirs, sigma_fn=sigma_fn, near_plane=self.near_plane, render_step_size=self.step_size,
             stratified=self.training, alpha_thre=0.0)
+        ray_ids, t_starts, t_ends = ensure_samples(ray_ids, t_starts, t_ends)
         t_pos = (t_starts + t_ends) / 2
         points = origins[ray_ids] + dirs[ray_ids] * t_pos[:, None]
         density, albedo = geometry(points)
         weights = render_weight_from_density(t_starts, t_ends, density, ray_indices=ray_ids, n_rays=origins.shape[0])[0]
         return ray_ids, t_pos, points, weights, albedo
 
-    def _render_rays(self, geometry, origins, dirs, lights, shading, with_normals, generator) -> dict:
+    def _render_rays(self, geometry, origins, dirs, lights, shading, with_normals, rng: RandomStreams | None) -> dict:
         from nerfacc import accumulate_along_rays
 
         n_rays = origins.shape[0]
         if self.use_marcher:
             ray_ids, t_pos, points, weights, albedo = self._occgrid(geometry, origins, dirs)
         else:
-            ray_ids, t_pos, points, weights, albedo = self._stratified(geometry, origins, dirs, generator)
+            ray_ids, t_pos, points, weights, albedo = self._stratified(geometry, origins, dirs, rng and rng.device)
         need_normals = with_normals or self.material.needs_normals(shading)
         normals = None
         if need_normals:
@@ -173,20 +178,21 @@ class VolumeRenderer(nn.Module):
             out["normal"] = acc(normals)
             facing = (normals * dirs[ray_ids]).sum(-1, keepdim=True).clamp_min(0) ** 2
             out["orientation"] = acc(facing, weights.detach())
-        out["rgb"] = out["rgb"] + (1 - out["opacity"]) * self.background(dirs, generator)
+        out["rgb"] = out["rgb"] + (1 - out["opacity"]) * self.background(dirs, rng)
         out["num_samples"] = ray_ids.shape[0]
         return out
 
     def forward(self, geometry, cameras: CameraBatch, shading: str = "albedo", with_normals: bool = False,
-                generator: torch.Generator | None = None) -> RenderOutput:
+                rng: RandomStreams | None = None) -> RenderOutput:
+        """Render B cameras; `rng` (training) jitters samples and may randomise the background."""
         b, h, w = cameras.batch_size, cameras.height, cameras.width
         origins, dirs = (x.reshape(-1, 3) for x in cameras.rays())
         lights = cameras.light_position.repeat_interleave(h * w, dim=0)
         if self.training:
-            parts = [self._render_rays(geometry, origins, dirs, lights, shading, with_normals, generator)]
+            parts = [self._render_rays(geometry, origins, dirs, lights, shading, with_normals, rng)]
         else:
             parts = [self._render_rays(geometry, origins[i:i + self.chunk_rays], dirs[i:i + self.chunk_rays],
-                                       lights[i:i + self.chunk_rays], shading, with_normals, generator)
+                                       lights[i:i + self.chunk_rays], shading, with_normals, rng)
                      for i in range(0, origins.shape[0], self.chunk_rays)]
         merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "num_samples"}
         shaped = {k: v.reshape(b, h, w, -1) for k, v in merged.items()}

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from perpneg3d.errors import NumericalError, require
+from perpneg3d.random_streams import RandomStreams
 from perpneg3d.schedules import ramp
 from perpneg3d.training.checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
 from perpneg3d.training.preemption import Preempted, PreemptionHandler
@@ -24,11 +25,23 @@ DEFAULT_LRS = {"geometry.encoding": 0.01, "geometry.density_mlp": 0.001, "geomet
                "renderer.background": 0.001}
 
 
+def new_counters(device) -> dict:
+    """Run counters; nonfinite_entries stays on the device (summed without a sync, read when logging)."""
+    return {"nonfinite_steps": 0, "nonfinite_streak": 0, "train_seconds": 0.0,
+            "nonfinite_entries": torch.zeros((), dtype=torch.long, device=device)}
+
+
+def read_metrics(metrics: dict) -> dict[str, float]:
+    """Device tensors -> Python floats (logging steps only: each read is a host sync on CUDA)."""
+    return {k: float(v) for k, v in metrics.items()}
+
+
 def write_progress(run_dir: Path, step: int, max_steps: int, metrics: dict, counters: dict) -> None:
     """progress.json: the step a run has reached and its latest losses (for people and cluster scripts)."""
     tmp = run_dir / ".progress.json.tmp"
     tmp.write_text(json.dumps(dict(step=step, max_steps=max_steps, time=time.time(), metrics=metrics,
-                                   nonfinite_steps=counters["nonfinite_steps"])))
+                                   nonfinite_steps=counters["nonfinite_steps"],
+                                   nonfinite_entries=int(counters["nonfinite_entries"]))))
     os.replace(tmp, run_dir / "progress.json")
 
 
@@ -56,6 +69,7 @@ class Trainer:
         turntable_resolution: int = 256,
         turntable_elevation: float = 15.0,
         max_nonfinite_steps: int = 20,
+        nonfinite_skip_share: float = 0.5,
         progress: bool = True,
     ):
         require(max_steps >= 1, f"trainer.max_steps={max_steps} must be at least 1")
@@ -69,7 +83,8 @@ class Trainer:
         self.keep_checkpoints, self.log_every = keep_checkpoints, log_every
         self.turntable = dict(frames=turntable_frames, fps=turntable_fps, resolution=turntable_resolution,
                               elevation=turntable_elevation)
-        self.max_nonfinite_steps, self.progress = max_nonfinite_steps, progress
+        require(0 <= nonfinite_skip_share <= 1, f"trainer.nonfinite_skip_share={nonfinite_skip_share} must lie in [0, 1]")
+        self.max_nonfinite_steps, self.nonfinite_skip_share, self.progress = max_nonfinite_steps, nonfinite_skip_share, progress
 
     # -- set-up ------------------------------------------------------------------------------
     def make_optimizer(self, geometry, renderer) -> torch.optim.Optimizer:
@@ -88,8 +103,8 @@ class Trainer:
         terms["sparsity"] = (out.opacity ** 2 + 0.01).sqrt().mean()
         opacity = out.opacity.clamp(1e-3, 1 - 1e-3)
         terms["opaque"] = torch.nn.functional.binary_cross_entropy(opacity, opacity.round().detach())
-        visible = out.opacity > 0.5
-        terms["z_variance"] = out.z_variance[visible].mean() if visible.any() else out.z_variance.sum() * 0
+        visible = (out.opacity > 0.5).float()  # a masked mean without boolean indexing (no host sync)
+        terms["z_variance"] = (out.z_variance * visible).sum() / visible.sum().clamp_min(1)
         return {k: v * ramp(self.lambdas[k], step) for k, v in terms.items()}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -101,9 +116,9 @@ class Trainer:
         geometry.to(device).train()
         renderer.to(device).train()
         optimizer = self.make_optimizer(geometry, renderer)
-        generator = torch.Generator().manual_seed(seed)
-        ctx = dict(geometry=geometry, renderer=renderer, optimizer=optimizer, generator=generator, run_dir=run_dir,
-                   counters={"nonfinite_steps": 0, "nonfinite_streak": 0, "train_seconds": 0.0})
+        rng = RandomStreams.seeded(seed, device)
+        ctx = dict(geometry=geometry, renderer=renderer, optimizer=optimizer, rng=rng, run_dir=run_dir,
+                   counters=new_counters(device))
         start = self.restore(state, ctx) if state is not None else 0
         counters = ctx["counters"]
         geometry.update_step(start)
@@ -112,17 +127,17 @@ class Trainer:
         with PreemptionHandler() as stop:
             for step in bar:
                 t0 = time.perf_counter()
-                last = self.train_step(step, geometry, renderer, guidance, prompts, cameras, optimizer, generator, counters)
+                metrics = self.train_step(step, geometry, renderer, guidance, prompts, cameras, optimizer, rng, counters)
                 counters["train_seconds"] += time.perf_counter() - t0
                 done = step + 1
-                if last.get("skipped"):
-                    if counters["nonfinite_streak"] >= self.max_nonfinite_steps:
-                        path = self.checkpoint(done, ctx)
-                        raise NumericalError(f"{counters['nonfinite_streak']} consecutive steps had NaN/inf in the loss or "
-                                             f"gradient (step {done}); last good state saved to {path}: lower the learning "
-                                             "rates or guidance_scale, or set guidance.grad_clip")
-                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4g}", ms=f"{1000 * (time.perf_counter() - t0):.0f}")
-                if done % self.log_every == 0 or done == self.max_steps:
+                if metrics.get("skipped") and counters["nonfinite_streak"] >= self.max_nonfinite_steps:
+                    path = self.checkpoint(done, ctx)
+                    raise NumericalError(f"{counters['nonfinite_streak']} consecutive steps had NaN/inf in the loss or "
+                                         f"gradient (step {done}); last good state saved to {path}: lower the learning "
+                                         "rates or guidance_scale, or set guidance.grad_clip")
+                if done % self.log_every == 0 or done == self.max_steps:  # the only place metrics reach the host
+                    last = read_metrics(metrics)
+                    bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4g}", ms=f"{1000 * (time.perf_counter() - t0):.0f}")
                     write_progress(run_dir, done, self.max_steps, last, counters)
                     if writer is not None:
                         for key, value in last.items():
@@ -140,40 +155,44 @@ class Trainer:
         self.checkpoint(self.max_steps, ctx)
         return self.finish(geometry, renderer, cameras, run_dir, counters, last, evaluate, export)
 
-    def train_step(self, step, geometry, renderer, guidance, prompts, cameras, optimizer, generator, counters,
+    def train_step(self, step, geometry, renderer, guidance, prompts, cameras, optimizer, rng: RandomStreams, counters,
                    timer: PhaseTimer = NULL_TIMER) -> dict:
+        """One optimisation step. Returns device tensors (read them on logging steps only); on CUDA
+        its one host synchronisation is the skip decision (docs/gpu.md)."""
         geometry.update_step(step)
         renderer.update(step, geometry)  # occupancy grid before rendering, as in nerfacc's examples
-        cams = cameras.sample(step, generator).to(next(geometry.parameters()).device)
-        shading = renderer.material.choose_shading(step, generator)
+        cams = cameras.sample(step, rng.device)
+        shading = renderer.material.choose_shading(step, rng.host)
         with_normals = ramp(self.lambdas["orient"], step) > 0
         with timer.phase("render"):
-            out = renderer(geometry, cams, shading=shading, with_normals=with_normals, generator=generator)
+            out = renderer(geometry, cams, shading=shading, with_normals=with_normals, rng=rng)
         with timer.phase("prompts"):
             prompt_batch = prompts(guidance.denoiser, cams.azimuth_deg, cams.elevation_deg)
         with timer.phase("guidance"):
-            sds = guidance(out.rgb, prompt_batch, step, generator)
+            sds = guidance(out.rgb, prompt_batch, step, rng.device)
         terms = self.losses(out, sds.loss, step)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
-        finite = sds.nonfinite == 0 and bool(torch.isfinite(loss))
-        if finite:
-            with timer.phase("backward"):
-                loss.backward()
-            finite = all(torch.isfinite(p.grad).all() for g in optimizer.param_groups for p in g["params"] if p.grad is not None)
-        if not finite:
+        with timer.phase("backward"):
+            loss.backward()
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads]).all()
+        counters["nonfinite_entries"] += sds.nonfinite
+        if not bool(finite & (sds.nonfinite_share <= self.nonfinite_skip_share)):  # the step's one sync
             counters["nonfinite_steps"] += 1
             counters["nonfinite_streak"] += 1
-            log.warning("step %d: NaN/inf in the guidance gradient or loss; step skipped (%d so far)", step, counters["nonfinite_steps"])
+            log.warning("step %d: NaN/inf in the loss or gradients, or more than %.0f%% of the SDS gradient; step "
+                        "skipped (%d so far)", step, 100 * self.nonfinite_skip_share, counters["nonfinite_steps"])
             optimizer.zero_grad(set_to_none=True)
             return {"skipped": 1.0, "nonfinite_steps": float(counters["nonfinite_steps"])}
         counters["nonfinite_streak"] = 0
         with timer.phase("optimizer"):
             optimizer.step()
-        metrics = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
-        metrics.update(loss=float(loss.detach()), grad_norm=sds.grad_norm, t_mean=float(sds.t.float().mean()),
-                       samples_per_ray=out.num_samples / max(out.rgb.shape[0] * out.rgb.shape[1] * out.rgb.shape[2], 1),
-                       opacity=float(out.opacity.detach().mean()))
+        metrics = {f"loss_{k}": v.detach() for k, v in terms.items()}
+        pixels = max(out.rgb.shape[0] * out.rgb.shape[1] * out.rgb.shape[2], 1)
+        metrics.update(loss=loss.detach(), grad_norm=sds.grad_norm, t_mean=sds.t.float().mean(),
+                       nonfinite_entries=sds.nonfinite, samples_per_ray=out.num_samples / pixels,
+                       opacity=out.opacity.detach().mean())
         return metrics
 
     # -- checkpoints and outputs --------------------------------------------------------------
@@ -183,17 +202,23 @@ class Trainer:
         ctx["geometry"].load_state_dict(state["geometry"])
         ctx["renderer"].load_state_dict(state["renderer"])
         ctx["optimizer"].load_state_dict(state["optimizer"])
-        ctx["generator"].set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])  # nerfacc's occupancy-grid updates draw from it
-        ctx["counters"] = dict(state.get("counters", ctx["counters"]))
+        if isinstance(state["generator"], dict):
+            ctx["rng"].load_state_dict(state["generator"])
+        else:  # checkpoints of perpneg3d 0.1 held the CPU stream only
+            ctx["rng"].host.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            log.warning("checkpoint from an older version: the device random stream restarts from the seed")
+        counters = new_counters(ctx["rng"].device.device)
+        counters.update({k: v for k, v in state.get("counters", {}).items() if k != "nonfinite_entries"})
+        counters["nonfinite_entries"] += int(state.get("counters", {}).get("nonfinite_entries", 0))
+        ctx["counters"] = counters
         log.info("resumed at step %d", state["step"])
         return int(state["step"])
 
     def checkpoint(self, step: int, ctx: dict) -> Path:
+        counters = dict(ctx["counters"], nonfinite_entries=int(ctx["counters"]["nonfinite_entries"]))
         state = dict(step=step, geometry=ctx["geometry"].state_dict(), renderer=ctx["renderer"].state_dict(),
-                     optimizer=ctx["optimizer"].state_dict(), generator=ctx["generator"].get_state(),
-                     torch_rng=torch.get_rng_state(),
-                     counters=dict(ctx["counters"]))
+                     optimizer=ctx["optimizer"].state_dict(), generator=ctx["rng"].state_dict(), counters=counters)
         path = save_checkpoint(state, checkpoint_path(ctx["run_dir"], step))
         prune_checkpoints(ctx["run_dir"], self.keep_checkpoints)
         return path
@@ -207,7 +232,8 @@ class Trainer:
         video = render_turntable(geometry, renderer, cameras, run_dir / "turntable.mp4", **self.turntable)
         metrics = {"steps": self.max_steps, "train_seconds": round(counters["train_seconds"], 2),
                    "seconds_per_step": round(counters["train_seconds"] / max(self.max_steps, 1), 4),
-                   "nonfinite_steps": counters["nonfinite_steps"], "final": last, "turntable": str(video)}
+                   "nonfinite_steps": counters["nonfinite_steps"],
+                   "nonfinite_entries": int(counters["nonfinite_entries"]), "final": last, "turntable": str(video)}
         if evaluate is not None:
             metrics["janus"] = evaluate(geometry, renderer)
         if export is not None:

@@ -1,0 +1,195 @@
+"""nerfacc's CUDA kernels: what their build needs, one cached probe, and a build step with a timeout.
+
+nerfacc 0.5.3 compiles its kernels on first use (torch's JIT extension build: nvcc + ninja) and keeps
+them in ``nerfacc.cuda._backend._C``. That build needs:
+
+- a CUDA toolkit: ``CUDA_HOME`` (or nvcc on PATH) naming the folder that holds ``bin/nvcc`` and
+  ``include/``, not a wrapper's folder;
+- the CUDA headers torch's extension build includes (``cuda_runtime.h``, ``cusparse.h``,
+  ``cublas_v2.h``, ``curand_kernel.h``). With pip-installed CUDA they live in
+  ``site-packages/nvidia/<lib>/include``: put those folders on ``CPATH``;
+- a writable build folder: ``$TORCH_EXTENSIONS_DIR/nerfacc_cuda`` (default
+  ``~/.cache/torch_extensions/<python><cuda>/nerfacc_cuda``).
+
+A build that is killed leaves ``<build folder>/lock`` behind, and every later load waits for it forever.
+``probe()`` refuses to load while that file exists (one line saying how to clear it), so training falls
+back to the stratified sampler instead of hanging; ``python -m perpneg3d.renderer.nerfacc_cuda --build``
+builds in a child process with a timeout and removes the lock of a build it had to kill. See
+docs/gpu.md.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+EXTENSION_NAME = "nerfacc_cuda"
+REQUIRED_HEADERS = ("cuda_runtime.h", "cusparse.h", "cublas_v2.h", "curand_kernel.h")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether the kernels load (or built), why not, and how long it took; module when loaded here."""
+
+    ok: bool
+    reason: str
+    seconds: float = 0.0
+    module: object | None = None
+
+
+def build_directory(env: dict | None = None) -> Path:
+    """Where torch's JIT build puts (and looks for) nerfacc's extension; nothing is created."""
+    env = os.environ if env is None else env
+    root = env.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        version = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        cuda = f"_cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "_cpu"
+        cache = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = str(Path(cache) / "torch_extensions" / f"{version}{cuda}")
+    return Path(root) / EXTENSION_NAME
+
+
+def stale_lock(build_dir: Path) -> Path | None:
+    """The lock file a killed build left in `build_dir`, or None."""
+    lock = Path(build_dir) / "lock"
+    return lock if lock.exists() else None
+
+
+def cuda_home(env: dict | None = None) -> str | None:
+    """The toolkit folder the build will use: CUDA_HOME, CUDA_PATH, else the parent of nvcc's bin/."""
+    env = os.environ if env is None else env
+    home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    if home:
+        return home
+    nvcc = shutil.which("nvcc", path=env.get("PATH"))
+    return str(Path(nvcc).resolve().parent.parent) if nvcc else None
+
+
+def _pip_cuda_include_dirs() -> list[Path]:
+    """include/ folders of pip-installed CUDA libraries (site-packages/nvidia/<lib>/include)."""
+    found = []
+    for entry in sys.path:
+        nvidia = Path(entry) / "nvidia"
+        if nvidia.is_dir():
+            found += sorted(p for p in nvidia.glob("*/include") if p.is_dir())
+    return found
+
+
+def toolkit_problems(env: dict | None = None, extra_include_dirs: list[Path] | None = None) -> list[str]:
+    """What stops the JIT build, one line each with the fix (empty when nothing does)."""
+    env = os.environ if env is None else env
+    home = cuda_home(env)
+    if home is None:
+        return ["no CUDA toolkit: CUDA_HOME is unset and nvcc is not on PATH; install the toolkit matching "
+                f"torch's CUDA {torch.version.cuda} and export CUDA_HOME=/path/to/toolkit"]
+    home_path = Path(home)
+    if not (home_path / "bin" / "nvcc").is_file():
+        return [f"CUDA_HOME={home} has no bin/nvcc: point it at the toolkit folder (the one holding bin/nvcc "
+                "and include/), not at a wrapper's folder"]
+    searched = [home_path / "include", *sorted(home_path.glob("targets/*/include"))]
+    searched += [Path(p) for p in env.get("CPATH", "").split(os.pathsep) if p]
+    extra = _pip_cuda_include_dirs() if extra_include_dirs is None else extra_include_dirs
+    problems = []
+    for header in REQUIRED_HEADERS:
+        if any((d / header).is_file() for d in searched):
+            continue
+        elsewhere = [d for d in extra if (d / header).is_file()]
+        if elsewhere:
+            problems.append(f"{header} is not under CUDA_HOME={home} but in {elsewhere[0]}: "
+                            f"export CPATH={elsewhere[0]}{os.pathsep}$CPATH")
+        else:
+            problems.append(f"{header} is missing: install the CUDA toolkit's development headers "
+                            f"(e.g. the cuda-libraries-dev package) into {home}/include")
+    return problems
+
+
+def _load_extension() -> object | None:
+    from nerfacc.cuda import _backend  # noqa: PLC0415  (compiles on first import)
+
+    return _backend._C
+
+
+@functools.lru_cache(maxsize=1)
+def probe() -> Probe:
+    """Load nerfacc's kernels once per process; never raises, never waits on a stale lock.
+
+    A failed attempt is cached: the build is not retried at every renderer construction.
+    """
+    if not torch.cuda.is_available():
+        return Probe(False, "no CUDA device")
+    lock = stale_lock(build_directory())
+    if lock is not None:
+        return Probe(False, f"a killed build left {lock}, and loading would wait on it forever: delete it "
+                           f"(rm {lock}) or rebuild with python -m perpneg3d.renderer.nerfacc_cuda --build")
+    start = time.perf_counter()
+    try:
+        module = _load_extension()
+    except Exception as err:  # noqa: BLE001  (any build or load failure means: use the torch sampler)
+        problems = toolkit_problems()
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        return Probe(False, problems[0] if problems else f"nerfacc's CUDA build failed: {first}")
+    if module is None:
+        return Probe(False, "nerfacc found no nvcc on PATH: " + (toolkit_problems() or ["add the toolkit's bin/ to PATH"])[0])
+    return Probe(True, "loaded", time.perf_counter() - start, module)
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """True when the kernels load; on a CUDA machine where they do not, logs the reason once."""
+    result = probe()
+    if not result.ok and torch.cuda.is_available():
+        log.warning("nerfacc CUDA marcher unavailable (%s); using the stratified sampler", result.reason)
+    return result.ok
+
+
+def build(timeout_s: float = 900.0) -> Probe:
+    """Build (or load) the kernels in a child process; on timeout kill it and remove the lock it left."""
+    lock_before = stale_lock(build_directory())
+    if lock_before is not None:
+        return Probe(False, f"stale build lock {lock_before}: delete it (rm {lock_before}), then build again")
+    code = "from nerfacc.cuda import _backend; import sys; sys.exit(0 if _backend._C is not None else 3)"
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        lock = stale_lock(build_directory())
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+        return Probe(False, f"build did not finish in {timeout_s:.0f} s (killed; lock removed): run it again with a "
+                           "larger --timeout, or check nvcc and ninja", time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if done.returncode == 0:
+        return Probe(True, "built", seconds)
+    problems = toolkit_problems()
+    tail = (done.stderr.strip().splitlines() or ["nvcc not found on PATH"])[-1][:200]
+    return Probe(False, problems[0] if problems else f"build failed: {tail}", seconds)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Check or build nerfacc's CUDA kernels (see docs/gpu.md).")
+    parser.add_argument("--build", action="store_true", help="build now, in a child process with a timeout")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds the build may take")
+    args = parser.parse_args(argv)
+    print(f"build folder: {build_directory()}")
+    for problem in toolkit_problems():
+        print(f"problem: {problem}")
+    if not torch.cuda.is_available():
+        print("no CUDA device: nerfacc's marcher is not used on this machine (the stratified sampler is)")
+        return 0 if not args.build else 1
+    result = build(args.timeout) if args.build else probe()
+    print(f"nerfacc CUDA kernels: {'ok' if result.ok else 'unavailable'} ({result.reason}, {result.seconds:.1f} s)")
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
