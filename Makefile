@@ -1,13 +1,16 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
-# Each creates .venv if needed, installs what is missing, then runs.
+# Two entry points for a fresh machine: `make demo` and `make test` (a CPU venv in .venv).
+# GPU targets use the Python that already has a CUDA torch (PYTHON=...), never the venv.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU build from this machine's disk; on a GPU machine see README ("GPU").
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# `make wheelhouse`: wheels for an offline GPU node (README, "Offline GPU nodes").
+WHEEL_PYTHON ?= 3.12
+WHEEL_PLATFORM ?= manylinux2014_x86_64
 
-.PHONY: demo test test-gpu install
+.PHONY: demo test test-gpu gpu-check cuda-python nerfacc-build wheelhouse install
 
 install: $(STAMP)
 
@@ -25,5 +28,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-gpu: $(STAMP)
-	$(BIN)/python -m pytest -q -m gpu
+# Fails (no false green) when $(PYTHON)'s torch sees no CUDA device.
+cuda-python:
+	@$(PYTHON) -c "import sys, torch; sys.exit(0) if torch.cuda.is_available() else sys.exit('$(PYTHON): torch ' + torch.__version__ + ' sees no CUDA device: run with PYTHON=<the python of your CUDA torch>')"
+
+test-gpu: cuda-python
+	$(PYTHON) -m pytest -q -m gpu
+
+gpu-check: cuda-python
+	$(PYTHON) scripts/gpu_check.py
+
+nerfacc-build: cuda-python
+	$(PYTHON) -m perpneg3d.renderer.nerfacc_cuda --build
+
+wheelhouse:
+	$(PYTHON) scripts/make_wheelhouse.py --python-version $(WHEEL_PYTHON) --platform $(WHEEL_PLATFORM) --dest wheelhouse

@@ -1,6 +1,7 @@
 """Shared test helpers: composing train.py configs with small, fast settings."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -16,6 +17,16 @@ TINY_TOY = [
     "trainer.val_resolution=16", "trainer.turntable_frames=4", "trainer.turntable_resolution=16",
     "export.resolution=24", "trainer.progress=false",
 ]
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for a child Python: tests/ and the repository first, then any PYTHONPATH that
+    was already set (a project installed with pip --target lives there: overwriting it breaks)."""
+    paths = [str(TESTS), str(TESTS.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), **extra)
 
 
 def compose_train(overrides: list[str], out_dir: Path):

@@ -1,12 +1,11 @@
 """Bad input gets one line naming the value and the fix, never a traceback."""
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import TINY_TOY, compose_train
+from helpers import TINY_TOY, compose_train, subprocess_env
 from perpneg3d.config import check_overrides
 from perpneg3d.errors import ConfigError, OutputDirError, PerpNegError
 from perpneg3d.training.run import train
@@ -15,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(script, *args):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    env = subprocess_env()
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 

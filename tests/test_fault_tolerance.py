@@ -1,6 +1,5 @@
 """Nothing the user made is lost: SIGTERM checkpoints, kill -9 never corrupts, NaNs are contained."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_TOY, compose_train
+from helpers import TINY_TOY, compose_train, subprocess_env
 from perpneg3d.errors import CheckpointError, NumericalError
 from perpneg3d.training.checkpoint import (checkpoint_path, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
                                            resolve_resume, save_checkpoint)
@@ -22,7 +21,7 @@ RUN = TINY_TOY + ["trainer.max_steps=150", "trainer.ckpt_every=1000", "trainer.l
 
 
 def train_cli(args, **kw):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), PYTHONUNBUFFERED="1")
+    env = subprocess_env(PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -69,7 +68,7 @@ for step in range(start, 10**6):
 
 
 def test_kill_9_during_checkpoint_writes_never_leaves_an_unreadable_checkpoint(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = subprocess_env()
     for attempt in range(8):
         before = len(list(tmp_path.glob("ckpts/*"))) and list_checkpoints(tmp_path)[0]
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=env)

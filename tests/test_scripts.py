@@ -1,6 +1,5 @@
 """The scripts as users run them: 2D sampling, view fidelity, Janus evaluation, export, benchmarks."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,14 +7,14 @@ from pathlib import Path
 import pytest
 import trimesh
 
-from helpers import TINY_TOY, compose_train
+from helpers import TINY_TOY, compose_train, subprocess_env
 from perpneg3d.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

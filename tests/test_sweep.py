@@ -1,18 +1,17 @@
 """Sweeps through Hydra's submitit launcher, collected into one table; a requeued job resumes."""
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import TINY_TOY
+from helpers import TINY_TOY, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = TINY_TOY + ["trainer.max_steps=4", "trainer.val_every=4", "trainer.ckpt_every=4", "~export"]
 
 
 def run(args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    env = subprocess_env()
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

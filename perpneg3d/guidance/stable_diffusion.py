@@ -58,6 +58,9 @@ class StableDiffusion:
         local_files_only: bool | None = None,
         revision: str | None = None,
         enable_attention_slicing: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        cudnn_benchmark: bool = False,
     ):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -80,10 +83,16 @@ class StableDiffusion:
         except OSError as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelNotFoundError(_missing_model_message(self.name, reason)) from None
-        self._finish_setup(enable_attention_slicing)
+        self._finish_setup(enable_attention_slicing, channels_last, compile, cudnn_benchmark)
 
-    def _finish_setup(self, enable_attention_slicing: bool = False) -> None:
-        """Freeze the modules on the device and derive the schedule and sizes (after loading or building)."""
+    def _finish_setup(self, enable_attention_slicing: bool = False, channels_last: bool = False,
+                      compile: bool = False, cudnn_benchmark: bool = False) -> None:
+        """Freeze the modules on the device and derive the schedule and sizes (after loading or building).
+
+        Speed options (each measured by scripts/gpu_check.py; all off by default): channels_last memory
+        format for the UNet's convolutions, torch.compile of the UNet (the first steps pay the
+        compilation), and cudnn.benchmark (process-wide: cuDNN picks the fastest kernels per shape).
+        """
         from diffusers import DDIMScheduler
 
         for module in (self.text_encoder, self.vae, self.unet):
@@ -91,6 +100,12 @@ class StableDiffusion:
                 module.to(self.device).eval().requires_grad_(False)
         if enable_attention_slicing:
             self.unet.set_attention_slice("auto")
+        self.channels_last = channels_last
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+        self._unet_call = torch.compile(self.unet) if compile else self.unet
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
@@ -135,5 +150,8 @@ class StableDiffusion:
 
     def eps(self, latents_t: Tensor, t: Tensor, text_emb: Tensor) -> Tensor:
         """One batched UNet call: eps [N,4,h,w] (float32)."""
-        out = self.unet(latents_t.to(self.dtype), t.to(self.device), encoder_hidden_states=text_emb.to(self.dtype))
-        return out.sample.float()
+        x = latents_t.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self._unet_call(x, t.to(self.device), encoder_hidden_states=text_emb.to(self.dtype), return_dict=False)[0]
+        return out.float()

@@ -23,6 +23,7 @@ import argparse
 import functools
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ import torch
 
 log = logging.getLogger(__name__)
 EXTENSION_NAME = "nerfacc_cuda"
+DEFAULT_CUDA_HOME = Path("/usr/local/cuda")  # torch's own fallback
 REQUIRED_HEADERS = ("cuda_runtime.h", "cusparse.h", "cublas_v2.h", "curand_kernel.h")
 
 
@@ -65,14 +67,47 @@ def stale_lock(build_dir: Path) -> Path | None:
     return lock if lock.exists() else None
 
 
+def _wrapped_nvcc(nvcc: Path) -> Path | None:
+    """The real nvcc that a small wrapper script (e.g. /usr/local/bin/nvcc: exec .../cuda-13.0/bin/nvcc)
+    hands over to, or None when `nvcc` is not such a script."""
+    try:
+        if nvcc.stat().st_size > 4096:
+            return None
+        text = nvcc.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    match = re.search(r"(/\S+/bin/nvcc)\b", text)
+    return Path(match.group(1)) if match and Path(match.group(1)) != nvcc else None
+
+
 def cuda_home(env: dict | None = None) -> str | None:
-    """The toolkit folder the build will use: CUDA_HOME, CUDA_PATH, else the parent of nvcc's bin/."""
+    """The toolkit folder the build should use: CUDA_HOME or CUDA_PATH when set; else the folder
+    above nvcc's bin/, following a wrapper script to the real toolkit (torch's own guess would take
+    the wrapper's folder); else /usr/local/cuda when it exists."""
     env = os.environ if env is None else env
     home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
     if home:
         return home
     nvcc = shutil.which("nvcc", path=env.get("PATH"))
-    return str(Path(nvcc).resolve().parent.parent) if nvcc else None
+    if nvcc:
+        real = Path(nvcc).resolve()
+        wrapped = _wrapped_nvcc(real)
+        return str((wrapped.resolve() if wrapped else real).parent.parent)
+    return str(DEFAULT_CUDA_HOME) if DEFAULT_CUDA_HOME.is_dir() else None
+
+
+def ensure_cuda_home() -> None:
+    """Set CUDA_HOME for the build when it is unset (torch would otherwise derive it from the first
+    nvcc on PATH, a wrapper's folder included)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    home = cuda_home()
+    if home:
+        os.environ["CUDA_HOME"] = home
+        extension = sys.modules.get("torch.utils.cpp_extension")
+        if extension is not None:  # already imported: it read CUDA_HOME at import time
+            extension.CUDA_HOME = home
+        log.info("CUDA_HOME unset: using the toolkit at %s", home)
 
 
 def _pip_cuda_include_dirs() -> list[Path]:
@@ -131,6 +166,7 @@ def probe() -> Probe:
     if lock is not None:
         return Probe(False, f"a killed build left {lock}, and loading would wait on it forever: delete it "
                            f"(rm {lock}) or rebuild with python -m perpneg3d.renderer.nerfacc_cuda --build")
+    ensure_cuda_home()
     start = time.perf_counter()
     try:
         module = _load_extension()
@@ -157,6 +193,7 @@ def build(timeout_s: float = 900.0) -> Probe:
     lock_before = stale_lock(build_directory())
     if lock_before is not None:
         return Probe(False, f"stale build lock {lock_before}: delete it (rm {lock_before}), then build again")
+    ensure_cuda_home()
     code = "from nerfacc.cuda import _backend; import sys; sys.exit(0 if _backend._C is not None else 3)"
     start = time.perf_counter()
     try:

@@ -1,0 +1,86 @@
+"""Time training steps by phase, for scripts/benchmark_step.py and scripts/gpu_check.py.
+
+A configuration is composed exactly as train.py composes it (plus overrides), then `measure()` runs
+warm-up steps and timed steps through Trainer.train_step and reports ms per phase (render, prompts,
+encode, denoiser, backward, optimizer), it/s and peak memory (CUDA: allocator peaks; CPU: the
+process's peak RSS).
+"""
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from perpneg3d.config import CONFIG_DIR, instantiate
+from perpneg3d.random_streams import RandomStreams
+from perpneg3d.training.timing import PhaseTimer, TimedDenoiser
+from perpneg3d.training.trainer import new_counters
+
+PHASES = ("render", "prompts", "encode", "denoiser", "guidance_other", "backward", "optimizer", "step")
+
+
+@dataclass
+class StepSetup:
+    """Everything one training step needs, built from a composed config."""
+
+    trainer: object
+    cameras: object
+    prompts: object
+    guidance: object
+    geometry: object
+    renderer: object
+    device: torch.device
+
+
+def compose_train(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def build_setup(overrides: list[str], denoiser=None) -> StepSetup:
+    """Instantiate a run's components (denoiser: use this object instead of the configured one)."""
+    cfg = compose_train(overrides)
+    torch.manual_seed(0)
+    trainer, cameras, prompts = instantiate(cfg.trainer), instantiate(cfg.cameras), instantiate(cfg.prompts)
+    guidance = instantiate(cfg.guidance, denoiser=denoiser) if denoiser is not None else instantiate(cfg.guidance)
+    geometry, renderer = instantiate(cfg.geometry), instantiate(cfg.renderer)
+    device = getattr(guidance.denoiser, "device", torch.device("cpu"))
+    geometry.to(device).train()
+    renderer.to(device).train()
+    return StepSetup(trainer, cameras, prompts, guidance, geometry, renderer, device)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return dict(peak_allocated_mb=torch.cuda.max_memory_allocated(device) / 2**20,
+                    peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20)
+    return dict(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def measure(setup: StepSetup, steps: int, warmup: int) -> dict:
+    """Run warmup + steps training steps; ms per phase over the timed steps, it/s, peak memory."""
+    timer = PhaseTimer()
+    guidance = setup.guidance
+    real_denoiser = guidance.denoiser
+    guidance.denoiser = TimedDenoiser(real_denoiser, timer)
+    optimizer = setup.trainer.make_optimizer(setup.geometry, setup.renderer)
+    rng, counters = RandomStreams.seeded(0, setup.device), new_counters(setup.device)
+    if setup.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(setup.device)
+    try:
+        for step in range(warmup + steps):
+            if step == warmup:
+                timer.reset()
+            with timer.phase("step"):
+                setup.trainer.train_step(step, setup.geometry, setup.renderer, guidance, setup.prompts, setup.cameras,
+                                         optimizer, rng, counters, timer)
+    finally:
+        guidance.denoiser = real_denoiser
+    ms = {k: 1000 * v / steps for k, v in timer.seconds.items()}
+    ms["guidance_other"] = ms.get("guidance", 0) - ms.get("encode", 0) - ms.get("denoiser", 0)
+    return dict(ms=ms, its=1000 / ms["step"], device=str(setup.device), geometry=setup.geometry.encoding.implementation,
+                renderer=setup.renderer.backend, skipped_steps=counters["nonfinite_steps"], **peak_memory_mb(setup.device))

@@ -1,0 +1,259 @@
+"""The CUDA path, checked on a CPU: nerfacc's kernel probe and build checks, the tcnn fallback, the
+host-side level count, the random streams in checkpoints, the empty-marcher guard, the GPU make
+targets and the CPU mode of scripts/gpu_check.py."""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import subprocess_env
+from perpneg3d.errors import ConfigError
+from perpneg3d.geometry import hash_grid
+from perpneg3d.geometry.hash_grid import HashGridEncoding
+from perpneg3d.random_streams import RandomStreams
+from perpneg3d.renderer import nerfacc_cuda
+from perpneg3d.renderer.volume_renderer import ensure_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fresh_probe():
+    nerfacc_cuda.probe.cache_clear()
+    nerfacc_cuda.available.cache_clear()
+    yield
+    nerfacc_cuda.probe.cache_clear()
+    nerfacc_cuda.available.cache_clear()
+
+
+def test_the_probe_imports_nerfacc_s_real_extension_module(tmp_path, monkeypatch):
+    """nerfacc 0.5.3 keeps the kernels in nerfacc.cuda._backend._C (nerfacc.cuda._C does not exist):
+    on a machine without the toolkit's headers or a GPU the module imports and says None."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with pytest.raises(ImportError):
+        from nerfacc.cuda import _C  # noqa: F401  (the old, always-failing probe)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvcc: nerfacc skips the build
+    sys.modules.pop("nerfacc.cuda._backend", None)
+    assert nerfacc_cuda._load_extension() is None
+    sys.modules.pop("nerfacc.cuda._backend", None)
+
+
+def test_a_failed_load_is_cached_and_logged_once(fresh_probe, monkeypatch, tmp_path, caplog):
+    calls = []
+
+    def failing_load():
+        calls.append(1)
+        raise RuntimeError("Error building extension 'nerfacc_cuda'\nninja: build stopped")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(nerfacc_cuda, "_load_extension", failing_load)
+    monkeypatch.setattr(nerfacc_cuda, "toolkit_problems", lambda *a, **k: [])
+    with caplog.at_level(logging.WARNING):
+        assert [nerfacc_cuda.available() for _ in range(3)] == [False] * 3
+    assert len(calls) == 1
+    assert nerfacc_cuda.probe().reason == "nerfacc's CUDA build failed: Error building extension 'nerfacc_cuda'"
+    lines = [r.getMessage() for r in caplog.records if "marcher unavailable" in r.getMessage()]
+    assert len(lines) == 1 and "stratified sampler" in lines[0]
+
+
+def test_occgrid_refusal_names_the_reason(fresh_probe):
+    from perpneg3d.renderer import DiffuseMaterial, SolidBackground, VolumeRenderer
+
+    with pytest.raises(ConfigError, match=r"estimator=occgrid needs nerfacc's CUDA kernels \(no CUDA device\)"):
+        VolumeRenderer(SolidBackground(), DiffuseMaterial(), estimator="occgrid")
+
+
+def test_a_stale_lock_is_refused_instead_of_waited_on(fresh_probe, monkeypatch, tmp_path):
+    lock = tmp_path / "nerfacc_cuda" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(nerfacc_cuda, "_load_extension", lambda: pytest.fail("must not load while a stale lock exists"))
+    result = nerfacc_cuda.probe()
+    assert not result.ok and f"rm {lock}" in result.reason and "\n" not in result.reason
+
+
+def test_a_timed_out_build_is_killed_and_its_lock_removed(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "nerfacc_cuda" / "lock"
+
+    def hanging_build(cmd, **kw):
+        lock.parent.mkdir(exist_ok=True)
+        lock.touch()  # what torch's build baton leaves when its process dies
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+
+    monkeypatch.setattr(nerfacc_cuda.subprocess, "run", hanging_build)
+    result = nerfacc_cuda.build(timeout_s=7)
+    assert not result.ok and "did not finish in 7 s" in result.reason and not lock.exists()
+
+
+def test_build_directory_matches_torch(monkeypatch, tmp_path):
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert nerfacc_cuda.build_directory() == Path(_get_build_directory("nerfacc_cuda", verbose=False))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert nerfacc_cuda.build_directory() == Path(_get_build_directory("nerfacc_cuda", verbose=False))
+
+
+def fake_toolkit(root: Path, headers=nerfacc_cuda.REQUIRED_HEADERS) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "nvcc").write_bytes(b"\x7fELF" + b"\0" * 5000)
+    (root / "bin" / "nvcc").chmod(0o755)
+    (root / "include").mkdir()
+    for header in headers:
+        (root / "include" / header).touch()
+    return root
+
+
+def test_toolkit_problems_name_each_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(nerfacc_cuda, "DEFAULT_CUDA_HOME", tmp_path / "no-such-toolkit")
+    assert "CUDA_HOME is unset and nvcc is not on PATH" in nerfacc_cuda.toolkit_problems({"PATH": str(tmp_path)})[0]
+    wrapper_dir = tmp_path / "wrapper"
+    wrapper_dir.mkdir()
+    assert "has no bin/nvcc: point it at the toolkit folder" in nerfacc_cuda.toolkit_problems({"CUDA_HOME": str(wrapper_dir)})[0]
+    full = fake_toolkit(tmp_path / "cuda")
+    assert nerfacc_cuda.toolkit_problems({"CUDA_HOME": str(full)}, extra_include_dirs=[]) == []
+    partial = fake_toolkit(tmp_path / "cuda2", headers=("cuda_runtime.h", "cublas_v2.h", "curand_kernel.h"))
+    pip_include = tmp_path / "site-packages" / "nvidia" / "cusparse" / "include"
+    pip_include.mkdir(parents=True)
+    (pip_include / "cusparse.h").touch()
+    problems = nerfacc_cuda.toolkit_problems({"CUDA_HOME": str(partial)}, extra_include_dirs=[pip_include])
+    assert problems == [f"cusparse.h is not under CUDA_HOME={partial} but in {pip_include}: export CPATH={pip_include}:$CPATH"]
+    assert nerfacc_cuda.toolkit_problems({"CUDA_HOME": str(partial), "CPATH": str(pip_include)}, [pip_include]) == []
+
+
+def test_cuda_home_follows_a_wrapper_script(tmp_path):
+    real = fake_toolkit(tmp_path / "cuda-13.0")
+    wrapper = tmp_path / "local" / "bin"
+    wrapper.mkdir(parents=True)
+    (wrapper / "nvcc").write_text(f'#!/bin/sh\nexec {real}/bin/nvcc "$@"\n')
+    (wrapper / "nvcc").chmod(0o755)
+    assert nerfacc_cuda.cuda_home({"PATH": str(wrapper)}) == str(real)
+    assert nerfacc_cuda.cuda_home({"PATH": str(real / "bin")}) == str(real)
+    assert nerfacc_cuda.cuda_home({"CUDA_HOME": "/opt/cuda", "PATH": str(wrapper)}) == "/opt/cuda"
+
+
+class BrokenTcnn:
+    """A tinycudann whose build has no kernel for this GPU: it imports, then fails at first use."""
+
+    class Encoding(torch.nn.Module):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+
+def test_tcnn_failing_at_first_use_falls_back_to_torch(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hash_grid, "import_tcnn", lambda: BrokenTcnn)
+    with caplog.at_level(logging.WARNING):
+        enc = HashGridEncoding(n_levels=4, log2_hashmap_size=10, finest_resolution=32, implementation="auto")
+    assert enc.implementation == "torch" and isinstance(enc.encoding, hash_grid.TorchHashGrid)
+    assert [r.getMessage() for r in caplog.records] == [
+        "tinycudann fails on this GPU (CUDA error: no kernel image is available for execution on the device); "
+        "using the torch hash grid"]
+    with pytest.raises(ConfigError, match="implementation=tcnn: tinycudann fails on this GPU"):
+        HashGridEncoding(n_levels=4, log2_hashmap_size=10, finest_resolution=32, implementation="tcnn")
+
+
+def test_tcnn_raising_other_errors_at_import_is_absent(monkeypatch, tmp_path):
+    pkg = tmp_path / "tinycudann"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('compiled for sm_80 only')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tinycudann", raising=False)
+    assert hash_grid.import_tcnn() is None
+
+
+def test_loaded_level_count_reaches_the_forward_pass():
+    """active_levels lives on the host for forward(); a checkpoint's value must update it."""
+    torch.manual_seed(0)
+    enc = HashGridEncoding(n_levels=4, log2_hashmap_size=10, finest_resolution=32, implementation="torch")
+    enc.encoding.embeddings.data.uniform_(-1, 1)
+    saved = HashGridEncoding(n_levels=4, log2_hashmap_size=10, finest_resolution=32, implementation="torch")
+    saved.load_state_dict(enc.state_dict())
+    saved.set_active_levels(2)
+    enc.load_state_dict(saved.state_dict())
+    feats = enc(torch.rand(64, 3))
+    assert feats[:, 4:].abs().max() == 0 and feats[:, :4].abs().max() > 0
+
+
+def test_random_streams_resume_where_they_stopped():
+    rng = RandomStreams.seeded(3)
+    torch.rand(5, generator=rng.host), torch.rand(5, generator=rng.device)
+    state = rng.state_dict()
+    expected = (torch.rand(4, generator=rng.host), torch.randn(4, generator=rng.device), torch.rand(2))
+    other = RandomStreams.seeded(99)
+    other.load_state_dict(state)
+    got = (torch.rand(4, generator=other.host), torch.randn(4, generator=other.device), torch.rand(2))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert not torch.equal(expected[0], torch.rand(4, generator=RandomStreams.seeded(3).device))  # two streams
+
+
+def test_empty_marcher_output_gets_one_zero_weight_sample():
+    from nerfacc import accumulate_along_rays, render_weight_from_density
+
+    empty = torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0)
+    ray_ids, t_starts, t_ends = ensure_samples(*empty)
+    assert ray_ids.tolist() == [0] and t_starts.tolist() == [0.0] and t_ends.tolist() == [0.0]
+    density = torch.tensor([5.0], requires_grad=True)
+    weights = render_weight_from_density(t_starts.view(1, 1), t_ends.view(1, 1), density.view(1, 1))[0].view(-1)
+    opacity = accumulate_along_rays(weights, None, ray_indices=ray_ids, n_rays=3)
+    assert opacity.tolist() == [[0.0], [0.0], [0.0]]
+    opacity.sum().backward()
+    assert torch.isfinite(density.grad).all()
+    full = torch.tensor([1, 2]), torch.tensor([0.1, 0.2]), torch.tensor([0.2, 0.3])
+    assert all(a is b for a, b in zip(ensure_samples(*full), full))
+
+
+def test_subprocess_env_keeps_an_existing_pythonpath(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")
+    assert subprocess_env()["PYTHONPATH"].split(os.pathsep) == [str(ROOT / "tests"), str(ROOT), "/tmp/site"]
+
+
+def test_make_test_gpu_refuses_a_python_without_cuda():
+    """No false green: without CUDA the GPU targets fail and say why, and create no venv."""
+    done = subprocess.run(["make", "-s", "test-gpu", f"PYTHON={sys.executable}", "VENV=/nonexistent-venv"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "sees no CUDA device" in done.stdout + done.stderr
+    assert not Path("/nonexistent-venv").exists()
+
+
+def test_gpu_check_cpu_tiny_mode_writes_its_report(tmp_path):
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--tiny", "--skip-pytest",
+                           "--out", str(tmp_path)], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_report.json").read_text())
+    sds = report["sds_step"]
+    assert sds["unet_batch"] == 4  # [uncond | pos | neg_front | neg_side] for one camera, in one call
+    assert sds["sds_nonfinite"] == 0 and sds["loss_finite"] and sds["render_grad_norm"] > 0
+    assert sds["vae_latents_rel_error_vs_fp32"] < 1e-5  # float32 on a CPU: the same computation
+    rows = {r["label"]: r for r in report["step_benchmark"]["rows"]}
+    assert set(rows) == {"Perp-Neg (K=2)", "plain (K=0)", "Perp-Neg + channels_last", "Perp-Neg + cudnn.benchmark"}
+    assert all(r["ms"]["step"] > 0 and r["skipped_steps"] == 0 for r in rows.values())
+    assert report["parity"]["hash_grid_cpu_vs_device_max_abs"] == 0.0
+    assert "no CUDA device" in report["sync_count"]["skipped"]
+    md = (tmp_path / "gpu_report.md").read_text()
+    assert "| Perp-Neg (K=2) |" in md and "## sds_step" in md
+
+
+def test_wheelhouse_closure_leaves_out_torch_and_what_the_node_has(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_wheelhouse", ROOT / "scripts" / "make_wheelhouse.py")
+    wheelhouse = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wheelhouse)
+    deps = wheelhouse.closure(wheelhouse.ROOTS) - wheelhouse.closure(["torch"])
+    assert {"nerfacc", "hydra-core", "omegaconf", "antlr4-python3-runtime", "diffusers", "pymcubes", "trimesh",
+            "xatlas", "submitit", "imageio-ffmpeg", "pytest", "clip-anytorch"} <= deps
+    assert not {"torch", "sympy", "networkx", "jinja2", "filelock"} & deps
+    assert wheelhouse.normalise("Hydra_Core") == "hydra-core"
