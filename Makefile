@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 # `make wheelhouse`: wheels for an offline GPU node (README, "Offline GPU nodes").
 WHEEL_PYTHON ?= 3.12
 WHEEL_PLATFORM ?= manylinux2014_x86_64
+NODE_PACKAGES ?=
 
 .PHONY: demo test test-gpu gpu-check cuda-python nerfacc-build wheelhouse install
 
@@ -41,5 +42,6 @@ gpu-check: cuda-python
 nerfacc-build: cuda-python
 	$(PYTHON) -m perpneg3d.renderer.nerfacc_cuda --build
 
-wheelhouse:
-	$(PYTHON) scripts/make_wheelhouse.py --python-version $(WHEEL_PYTHON) --platform $(WHEEL_PLATFORM) --dest wheelhouse
+wheelhouse: $(STAMP)
+	$(BIN)/python scripts/make_wheelhouse.py --python-version $(WHEEL_PYTHON) --platform $(WHEEL_PLATFORM) \
+		--dest wheelhouse $(if $(NODE_PACKAGES),--node-packages $(NODE_PACKAGES))

@@ -257,3 +257,30 @@ def test_wheelhouse_closure_leaves_out_torch_and_what_the_node_has(tmp_path):
             "xatlas", "submitit", "imageio-ffmpeg", "pytest", "clip-anytorch"} <= deps
     assert not {"torch", "sympy", "networkx", "jinja2", "filelock"} & deps
     assert wheelhouse.normalise("Hydra_Core") == "hydra-core"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_a_resumed_run_continues_the_same_random_streams(tmp_path, device):
+    """Stop after step 3, resume: at step 6 every generator (CPU, device, CUDA default) is where the
+    uninterrupted run's is. (Bit-exact weights are checked on the CPU in test_fault_tolerance.)"""
+    import shutil
+
+    from helpers import TINY_TOY, compose_train
+    from perpneg3d.training.checkpoint import checkpoint_path, load_checkpoint
+    from perpneg3d.training.run import train
+
+    run = TINY_TOY + ["trainer.max_steps=6", "trainer.ckpt_every=3", "~export", "evaluate_janus=false",
+                      f"guidance.denoiser.device={device}"]
+    straight = train(compose_train(run, tmp_path / "a"))
+    copy = tmp_path / "b" / "run"
+    shutil.copytree(straight, copy)
+    checkpoint_path(copy, 6).unlink()
+    resumed = train(compose_train(run + [f"resume={copy}"], tmp_path / "b"))
+    a, b = load_checkpoint(checkpoint_path(straight, 6))["generator"], load_checkpoint(checkpoint_path(resumed, 6))["generator"]
+    assert set(a) == set(b) >= {"host", "device", "torch_cpu"} and ("torch_cuda" in a) == (device == "cuda")
+    for key in a:
+        same = [torch.equal(x, y) for x, y in zip(a[key], b[key])] if key == "torch_cuda" else [torch.equal(a[key], b[key])]
+        assert all(same), key
+    first = load_checkpoint(checkpoint_path(resumed, 3))["generator"]
+    assert not torch.equal(first["device"], b["device"])  # the streams did advance

@@ -86,7 +86,7 @@ class ScoreDistillation:
             w = 1 - den.alphas_cumprod.to(latents.device)[t] if self.weighting == "sds" else torch.ones(batch, device=latents.device)
             grad = w.float().view(-1, *([1] * (latents.dim() - 1))) * (eps_hat - noise)
             # non-finite entries are zeroed and the rest of the batch still trains (threestudio does
-            # the same); the trainer skips the step only when the share is large (docs/method.md)
+            # the same); the trainer skips the step only above trainer.nonfinite_skip_share
             nonfinite = (~torch.isfinite(grad)).sum()
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             if self.grad_clip is not None:
