@@ -29,6 +29,12 @@ class NumericalError(PerpNegError):
     """Training produced non-finite values for too many consecutive steps."""
 
 
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """An exception's first message line (at most `limit` characters), or its type's name when empty."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
 def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds."""
     if not condition:

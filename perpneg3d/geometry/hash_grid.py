@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from perpneg3d.errors import ConfigError
+from perpneg3d.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 PRIMES = (1, 2654435761, 805459861)
@@ -33,11 +33,6 @@ def import_tcnn():
         return None
 
 
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0][:200] if text else type(err).__name__)
-
-
 def build_tcnn_encoding(tcnn, config: dict) -> nn.Module | None:
     """tcnn's encoding after one forward and backward on the current GPU, or None (with one logged
     line) when tcnn fails there: a build without kernels for this architecture often imports fine
@@ -49,7 +44,7 @@ def build_tcnn_encoding(tcnn, config: dict) -> nn.Module | None:
         encoding.zero_grad(set_to_none=True)
         return encoding
     except Exception as err:  # noqa: BLE001
-        log.warning("tinycudann fails on this GPU (%s); using the torch hash grid", first_line(err))
+        log.warning("tinycudann fails on this GPU (%s); using the torch hash grid", first_line(err, 200))
         return None
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from perpneg3d.devices import resolve_device
-from perpneg3d.errors import ConfigError, ModelNotFoundError
+from perpneg3d.errors import ConfigError, ModelNotFoundError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class StableDiffusion:
             self.unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=self.dtype, **kw)
             self.scheduler_config = dict(DDIMScheduler.load_config(src, subfolder="scheduler", **kw))
         except OSError as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             raise ModelNotFoundError(_missing_model_message(self.name, reason)) from None
         self._finish_setup(enable_attention_slicing, channels_last, compile, cudnn_benchmark)
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from perpneg3d.errors import first_line
+
 log = logging.getLogger(__name__)
 EXTENSION_NAME = "nerfacc_cuda"
 DEFAULT_CUDA_HOME = Path("/usr/local/cuda")  # torch's own fallback
@@ -172,8 +174,7 @@ def probe() -> Probe:
         module = _load_extension()
     except Exception as err:  # noqa: BLE001  (any build or load failure means: use the torch sampler)
         problems = toolkit_problems()
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        return Probe(False, problems[0] if problems else f"nerfacc's CUDA build failed: {first}")
+        return Probe(False, problems[0] if problems else f"nerfacc's CUDA build failed: {first_line(err, 200)}")
     if module is None:
         return Probe(False, "nerfacc found no nvcc on PATH: " + (toolkit_problems() or ["add the toolkit's bin/ to PATH"])[0])
     return Probe(True, "loaded", time.perf_counter() - start, module)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from perpneg3d.errors import CheckpointError
+from perpneg3d.errors import CheckpointError, first_line
 
 log = logging.getLogger(__name__)
 CKPT_FORMAT = "perpneg3d-ckpt-1"
@@ -46,7 +46,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        reason = first_line(err, 120)
         raise CheckpointError(f"checkpoint {path} is unreadable ({reason}): resume from another file in "
                               f"{path.parent} or start a new run without resume=") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or any(k not in state for k in REQUIRED_KEYS):
