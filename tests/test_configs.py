@@ -63,6 +63,6 @@ def test_slurm_launcher_config_is_shipped(tmp_path):
         cfg = compose("train", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
                       return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min > 0
-    assert launcher.mem_gb > 0 and launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 240
+    assert launcher.mem_gb == 32 and launcher.max_num_timeout == 3 and launcher.signal_delay_s == 120
     assert launcher._target_.endswith("SlurmLauncher")

@@ -57,7 +57,7 @@ WRITER = r"""
 import sys, torch
 from perpneg3d.training.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint, prune_checkpoints
 run = sys.argv[1]
-big = torch.randn(2_000_000)
+big = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0))
 done = list_checkpoints(run)
 start = int(done[0].stem.split("_")[1]) + 1 if done else 1
 for step in range(start, 10**6):
@@ -80,9 +80,10 @@ def test_kill_9_during_checkpoint_writes_never_leaves_an_unreadable_checkpoint(t
         proc.wait()
         paths = list_checkpoints(tmp_path)
         assert paths, "the writer should have saved something"
-        for path in paths:  # every checkpoint under its final name is complete
+        big = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0))
+        for path in paths:  # every checkpoint under its final name is complete, with the values written
             state = load_checkpoint(path)
-            assert torch.equal(state["geometry"]["w"][:3], state["geometry"]["w"][:3])
+            assert torch.equal(state["geometry"]["w"], big + state["step"])
         step, state = latest_valid_checkpoint(tmp_path)[1]["step"], latest_valid_checkpoint(tmp_path)[1]
         assert state["geometry"]["w"].numel() == 2_000_000 and step >= 1
 
