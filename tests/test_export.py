@@ -4,8 +4,11 @@ import pytest
 import torch
 import trimesh
 
+from perpneg3d.errors import ConfigError
 from perpneg3d.export import MeshExporter
 from perpneg3d.export.extraction import EmptyFieldError, auto_threshold
+from perpneg3d.export.mesh import check_memory, estimate_peak_bytes
+from perpneg3d.export.texture import bake_texture, face_chunks, place_unplaced, unwrap
 
 RED, GREY = torch.tensor([0.9, 0.1, 0.1]), torch.tensor([0.5, 0.5, 0.5])
 
@@ -118,3 +121,64 @@ def test_decimation_to_a_face_budget(tmp_path):
     n_full, mesh = len(trimesh.load(full).faces), trimesh.load(small, process=False)
     assert n_full > 3000 and 400 <= len(mesh.faces) <= 800
     assert abs(mesh.bounds[1][2] - 1.0) < 1e-6  # still standing 1 m tall on z = 0
+
+
+def test_face_chunks_respect_the_texel_budget():
+    # texel boxes of 1, 4, 9 and 4 texels (size 8): budget 5 -> [0,2) (5), [2,3) (9, alone), [3,4) (4)
+    size = 8
+    corner = lambda x, y, w: [[(x + 0.5) / size, (y + 0.5) / size], [(x + w - 0.5) / size, (y + 0.5) / size],
+                              [(x + 0.5) / size, (y + w - 0.5) / size]]
+    uv = torch.tensor([corner(0, 0, 1), corner(2, 2, 2), corner(0, 4, 3), corner(5, 0, 2)]).reshape(-1, 2)
+    faces = torch.arange(12).reshape(4, 3)
+    assert face_chunks(uv, faces, size, texel_budget=5) == [(0, 2), (2, 3), (3, 4)]
+    assert face_chunks(uv, faces, size, texel_budget=100) == [(0, 4)]
+
+
+def test_chunked_bake_equals_one_pass():
+    verts, faces = trimesh.creation.icosphere(subdivisions=2).vertices, trimesh.creation.icosphere(subdivisions=2).faces
+    vmap, new_faces, uvs = unwrap(np.asarray(verts), np.asarray(faces), 128)
+    colour = lambda p: (p + 1) / 2  # position as colour: every texel's 3D point shows in the texture
+    one = bake_texture(np.asarray(verts)[vmap], new_faces, uvs, colour, 128, texel_budget=1 << 30)
+    many = bake_texture(np.asarray(verts)[vmap], new_faces, uvs, colour, 128, texel_budget=64)
+    assert len(face_chunks(torch.from_numpy(uvs), torch.from_numpy(new_faces), 128, 64)) > 20
+    np.testing.assert_array_equal(one, many)
+    assert (one.reshape(-1, 3).std(0) > 20).all()  # a real bake, not a flat fill
+
+
+def test_unplaced_slivers_become_points_in_uv():
+    # two placed faces and one sliver xatlas left at uv (0,0), nearest (by its centre) to vertex 2
+    vertices = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0], [0.1, 1.0, 0], [0.05, 1.05, 0]], float)
+    vmapping = np.arange(6)
+    indices = np.array([[0, 1, 2], [1, 3, 2], [2, 4, 5]])
+    uvs = np.array([[0.1, 0.1], [0.9, 0.1], [0.1, 0.9], [0.9, 0.9], [0, 0], [0, 0]], np.float32)
+    uvs_sliver = uvs.copy()
+    uvs_sliver[2] = [0.1, 0.9]  # vertex 2 is shared: only faces whose three uvs are (0,0) count as unplaced
+    vm, idx, uv = place_unplaced(vertices, vmapping, indices, uvs_sliver)
+    np.testing.assert_array_equal(idx, indices)  # nothing unplaced: unchanged
+    uvs[2] = [0, 0]
+    vertices[2] = [0.0, 0.9, 0.0]  # alone, vertex 2 is nearest vertex 0: per-vertex placement would stretch the face
+    indices = np.array([[0, 1, 3], [4, 5, 2]])  # face 1 is all (0,0): vertices 4, 5, 2
+    vm, idx, uv = place_unplaced(vertices, vmapping, indices, uvs)
+    np.testing.assert_array_equal(idx, [[0, 1, 3], [6, 7, 8]])
+    np.testing.assert_array_equal(vm[6:], [4, 5, 2])  # new vertices keep their 3D source
+    np.testing.assert_array_equal(uv[6:], uvs[[3, 3, 3]])  # centre (0.05, 0.98) is nearest vertex 3 of the placed 0, 1, 3
+
+
+def test_memory_estimate_refuses_with_a_setting_that_fits():
+    need_512 = estimate_peak_bytes(512, "uv", 1024)
+    assert need_512 == (1 << 30) + 28 * 513 ** 3 + 1024 ** 2 * 48 + (1 << 22) * 100
+    check_memory(512, "uv", 1024, available=need_512)  # exactly enough: no error
+    with pytest.raises(ConfigError, match=r"^export.resolution=512 needs about 5.0 GB of memory and 4.0 GB is "
+                                          r"available: use export.resolution=384 \(about 2.9 GB\)$"):
+        check_memory(512, "uv", 1024, available=4 << 30)
+    with pytest.raises(ConfigError, match="free memory or export on a larger machine"):
+        check_memory(512, "uv", 1024, available=1 << 20)
+
+
+def test_uv_export_decimates_to_uv_max_faces(tmp_path):
+    full = MeshExporter(formats=["ply"], resolution=48)(SnoutedBlob(), tmp_path / "full")
+    n_full = len(trimesh.load(full[0], process=False).faces)
+    paths = MeshExporter(formats=["obj"], resolution=48, texture="uv", texture_size=128, uv_max_faces=1000)(
+        SnoutedBlob(), tmp_path / "uv")
+    assert n_full > 3000
+    assert 900 <= len(trimesh.load(paths[0], force="mesh", process=False).faces) <= 1000

@@ -23,6 +23,10 @@ from perpneg3d.export.texture import bake_texture, unwrap
 
 log = logging.getLogger(__name__)
 FORMATS = ("glb", "obj", "ply")
+# Peak memory of an export, measured by scripts/benchmark_export.py (README, export): the fine
+# grid's passes hold about this many bytes per voxel at once, above the process's own footprint.
+BYTES_PER_VOXEL = 28
+BASE_BYTES = 1 << 30
 WORLD_TO_BLENDER = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
 BLENDER_TO_YUP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 
@@ -31,6 +35,31 @@ def field_device(field) -> torch.device:
     """Where a field's parameters live (cpu for a parameter-free analytic field)."""
     params = field.parameters() if hasattr(field, "parameters") else iter(())
     return next((p.device for p in params), torch.device("cpu"))
+
+
+def estimate_peak_bytes(resolution: int, texture: str = "vertex", texture_size: int = 1024) -> int:
+    """Rough peak memory of MeshExporter at `resolution` (the fine grid dominates; a uv bake adds the
+    texture and one face chunk, see texture.bake_texture)."""
+    n_fine = -(-(resolution - 1) // 4) * 4 + 1
+    bake = texture_size ** 2 * 3 * 4 * 4 + (1 << 22) * 100 if texture == "uv" else 0
+    return BASE_BYTES + BYTES_PER_VOXEL * n_fine ** 3 + bake
+
+
+def check_memory(resolution: int, texture: str, texture_size: int, available: int | None = None) -> None:
+    """ConfigError (one line, with a setting that fits) when the estimate exceeds the free memory."""
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    need = estimate_peak_bytes(resolution, texture, texture_size)
+    if need <= available:
+        return
+    smaller = [r for r in (512, 384, 256, 192, 128, 96, 64) if r < resolution
+               and estimate_peak_bytes(r, texture, texture_size) <= available]
+    fix = (f"use export.resolution={smaller[0]} (about {estimate_peak_bytes(smaller[0], texture, texture_size) / 2**30:.1f} GB)"
+           if smaller else "free memory or export on a larger machine")
+    raise ConfigError(f"export.resolution={resolution} needs about {need / 2**30:.1f} GB of memory and "
+                      f"{available / 2**30:.1f} GB is available: {fix}")
 
 
 def to_blender(vertices: np.ndarray, height_m: float) -> np.ndarray:
@@ -50,12 +79,14 @@ class MeshExporter:
     tight_bbox: the fine pass covers only the occupied box (else the whole box); it evaluates the
     field at full `resolution` only near the surface (extraction.sample_grid_near_level).
     texture: "vertex" colours or "uv" (xatlas atlas + baked PNG, for OBJ+MTL and GLB).
+    uv_max_faces: a uv-textured mesh is decimated to this many faces before unwrapping: xatlas's time
+    grows faster than the face count (docs/export.md), and the texture, not the faces, carries colour.
     """
 
     def __init__(self, formats: Sequence[str] = ("glb",), resolution: int = 256, threshold="auto",
                  tight_bbox: bool = True, coarse_resolution: int = 64, chunk_size: int = 262144, min_component_ratio: float = 0.05,
                  max_faces: int | None = None, texture: str = "vertex", texture_size: int = 1024,
-                 height_m: float = 1.0, file_name: str = "mesh"):
+                 uv_max_faces: int | None = 100000, height_m: float = 1.0, file_name: str = "mesh"):
         formats = [formats] if isinstance(formats, str) else list(formats)
         bad = [f for f in formats if f not in FORMATS]
         require(not bad and formats, f"export.formats={formats}: choose from {', '.join(FORMATS)}")
@@ -71,6 +102,7 @@ class MeshExporter:
         self.coarse_resolution = min(coarse_resolution, resolution)
         self.chunk_size, self.min_component_ratio, self.max_faces = chunk_size, min_component_ratio, max_faces
         self.texture, self.texture_size, self.height_m, self.file_name = texture, texture_size, height_m, file_name
+        self.uv_max_faces = uv_max_faces
 
     def extract(self, geometry):
         """World-space trimesh of the field's surface (before axis conversion), plus the iso-level."""
@@ -101,12 +133,17 @@ class MeshExporter:
         was_training = getattr(geometry, "training", False)
         if hasattr(geometry, "eval"):
             geometry.eval()
+        check_memory(self.resolution, self.texture, self.texture_size)
         t0 = time.perf_counter()
         try:
             mesh, level = self.extract(geometry)
             verts = np.asarray(mesh.vertices, dtype=np.float64)
             faces = np.asarray(mesh.faces, dtype=np.int64)
             if self.texture == "uv":
+                if self.uv_max_faces and len(faces) > self.uv_max_faces:
+                    mesh = mesh.simplify_quadric_decimation(face_count=int(self.uv_max_faces))
+                    verts = np.asarray(mesh.vertices, dtype=np.float64)
+                    faces = np.asarray(mesh.faces, dtype=np.int64)
                 vmap, faces, uvs = unwrap(verts, faces, self.texture_size)
                 verts = verts[vmap]
                 image = bake_texture(verts, faces, uvs, lambda p: self._albedo(geometry, p), self.texture_size, self.chunk_size)

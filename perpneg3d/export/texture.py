@@ -20,32 +20,48 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int = 1024, pa
     pack.padding, pack.resolution, pack.bilinear = padding, texture_size, True
     atlas.generate(pack_options=pack)
     vmapping, indices, uvs = atlas[0]
-    vmapping, indices, uvs = vmapping.astype(np.int64), indices.astype(np.int64), uvs.astype(np.float32)
-    # xatlas leaves sliver faces (near-zero area) unplaced at uv (0,0); give their vertices the uv of
-    # the nearest placed vertex so they take the colour of the surface around them
-    unplaced = np.all(uvs[indices] == 0, axis=(1, 2))
-    if unplaced.any():
-        from scipy.spatial import cKDTree
+    return place_unplaced(vertices, vmapping.astype(np.int64), indices.astype(np.int64), uvs.astype(np.float32))
 
-        placed = np.unique(indices[~unplaced])
-        lost = np.setdiff1d(np.unique(indices[unplaced]), placed)
-        if len(lost) and len(placed):
-            xyz = vertices[vmapping]
-            _, nearest = cKDTree(xyz[placed]).query(xyz[lost])
-            uvs[lost] = uvs[placed[nearest]]
+
+def place_unplaced(vertices: np.ndarray, vmapping: np.ndarray, indices: np.ndarray, uvs: np.ndarray):
+    """xatlas leaves sliver faces (near-zero area) unplaced, all three uvs at (0,0). Each gets three
+    vertices of its own, all at the uv of the placed vertex nearest its centre: it takes the colour
+    of the surface around it and stays a point in uv space. (Moving each vertex to its own nearest
+    placed vertex would stretch a sliver across charts, over texels of other triangles, with a
+    bounding box over most of the atlas.)"""
+    unplaced = np.all(uvs[indices] == 0, axis=(1, 2))
+    placed = np.unique(indices[~unplaced])
+    if not unplaced.any() or not len(placed):
+        return vmapping, indices, uvs
+    from scipy.spatial import cKDTree
+
+    xyz = vertices[vmapping]
+    _, nearest = cKDTree(xyz[placed]).query(xyz[indices[unplaced]].mean(1))
+    n_old, n_new = len(vmapping), 3 * int(unplaced.sum())
+    vmapping = np.concatenate([vmapping, vmapping[indices[unplaced]].reshape(-1)])
+    uvs = np.concatenate([uvs, np.repeat(uvs[placed[nearest]], 3, axis=0)])
+    indices = indices.copy()
+    indices[unplaced] = np.arange(n_old, n_old + n_new).reshape(-1, 3)
     return vmapping, indices, uvs
+
+
+def face_texel_boxes(uv: Tensor, faces: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per face: the texel-centre triangle [F,3,2], the lower corner of its texel bounding box [F,2]
+    and the box's extent [F,2] (texels)."""
+    tri = uv[faces] * size - 0.5  # texel-centre coordinates
+    lo = tri.min(1).values.floor().clamp(0, size - 1).long()
+    hi = tri.max(1).values.ceil().clamp(0, size - 1).long()
+    return tri, lo, hi - lo + 1
 
 
 def rasterize_uv(uv: Tensor, faces: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
     """All texel centres covered by a triangle in UV space: (texel ids [M], face ids [M], barycentrics [M,3]).
 
     Vectorised: each triangle enumerates the texels of its bounding box (repeat_interleave over
-    variable counts), and a barycentric test keeps those inside.
+    variable counts), and a barycentric test keeps those inside. Memory grows with the boxes' total
+    area: bake_texture calls this on face chunks whose boxes stay under a texel budget.
     """
-    tri = uv[faces] * size - 0.5  # [F,3,2] in texel-centre coordinates
-    lo = tri.min(1).values.floor().clamp(0, size - 1).long()
-    hi = tri.max(1).values.ceil().clamp(0, size - 1).long()
-    extent = hi - lo + 1
+    tri, lo, extent = face_texel_boxes(uv, faces, size)
     counts = extent[:, 0] * extent[:, 1]
     face_ids = torch.repeat_interleave(torch.arange(len(faces)), counts)
     start = torch.cumsum(counts, 0) - counts
@@ -64,6 +80,21 @@ def rasterize_uv(uv: Tensor, faces: Tensor, size: int) -> tuple[Tensor, Tensor, 
     return (py * size + px)[inside], face_ids[inside], bary[inside]
 
 
+def face_chunks(uv: Tensor, faces: Tensor, size: int, texel_budget: int) -> list[tuple[int, int]]:
+    """Consecutive face ranges [start, end) whose texel boxes add up to at most texel_budget each
+    (a single face over the budget gets a range of its own)."""
+    _, _, extent = face_texel_boxes(uv, faces, size)
+    total = torch.cumsum(extent[:, 0] * extent[:, 1], 0)
+    bounds, start = [], 0
+    while start < len(faces):
+        before = int(total[start - 1]) if start else 0
+        end = int(torch.searchsorted(total, before + texel_budget, right=True))
+        end = max(end, start + 1)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
 def dilate(texture: Tensor, filled: Tensor, iterations: int = 2) -> Tensor:
     """Grow filled texels into empty neighbours so bilinear lookups at chart borders do not bleed."""
     tex, mask = texture.permute(2, 0, 1).unsqueeze(0), filled.float()[None, None]
@@ -78,15 +109,21 @@ def dilate(texture: Tensor, filled: Tensor, iterations: int = 2) -> Tensor:
 
 
 def bake_texture(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, albedo_fn: Callable[[Tensor], Tensor],
-                 size: int = 1024, chunk_size: int = 262144) -> np.ndarray:
-    """[size,size,3] uint8 texture (row 0 = v=1, image convention) of albedo_fn at each texel's 3D point."""
+                 size: int = 1024, chunk_size: int = 262144, texel_budget: int = 1 << 22) -> np.ndarray:
+    """[size,size,3] uint8 texture (row 0 = v=1, image convention) of albedo_fn at each texel's 3D point.
+
+    Faces are baked in chunks whose candidate texels stay under `texel_budget`, so peak memory is the
+    texture plus one chunk (about 100 bytes per candidate texel), whatever the mesh size.
+    """
     uv, f = torch.from_numpy(uvs), torch.from_numpy(faces)
-    texel, face_ids, bary = rasterize_uv(uv, f, size)
-    points = (torch.from_numpy(vertices).float()[f[face_ids]] * bary.unsqueeze(-1)).sum(1)
-    colors = torch.cat([albedo_fn(points[i:i + chunk_size]).float().cpu() for i in range(0, len(points), chunk_size)]) \
-        if len(points) else torch.zeros(0, 3)
+    verts = torch.from_numpy(vertices).float()
     tex = torch.zeros(size * size, 3)
     filled = torch.zeros(size * size, dtype=torch.bool)
-    tex[texel], filled[texel] = colors, True
+    for start, end in face_chunks(uv, f, size, texel_budget):
+        texel, face_ids, bary = rasterize_uv(uv, f[start:end], size)
+        points = (verts[f[start:end][face_ids]] * bary.unsqueeze(-1)).sum(1)
+        for i in range(0, len(points), chunk_size):
+            tex[texel[i:i + chunk_size]] = albedo_fn(points[i:i + chunk_size]).float().cpu()
+        filled[texel] = True
     tex = dilate(tex.reshape(size, size, 3), filled.reshape(size, size))
     return (tex.flip(0).clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
