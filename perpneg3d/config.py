@@ -66,6 +66,20 @@ def check_overrides(config_name: str, overrides: list[str]) -> None:
         GlobalHydra.instance().clear()
 
 
+def compose_config(config_name: str, overrides: list[str]):
+    """Compose configs/<config_name>.yaml with overrides, inside a running Hydra app or outside one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name, overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def instantiate(node, *args, **kwargs):
     """hydra.utils.instantiate, with a user's mistake reported as one ConfigError line.
 
@@ -114,4 +128,5 @@ def run_script(config_name: str, fn: Callable) -> None:
         with reported_errors():
             return fn(cfg)
 
-    _main()
+    with reported_errors():  # Ctrl-C while Hydra itself starts or launches jobs
+        _main()

@@ -41,11 +41,31 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+def _exit_interrupted(signum, frame) -> None:
+    print("interrupted (Ctrl-C)", file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+def quiet_ctrl_c() -> None:
+    """Make Ctrl-C exit with one line and code 130 from now on, before the heavy imports of an entry
+    point (torch alone takes seconds); the training loop installs its own checkpointing handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, _exit_interrupted)
+
+
 @contextlib.contextmanager
 def reported_errors(exit_code: int = 2):
-    """Turn a PerpNegError into one line on stderr and a non-zero exit (for scripts)."""
+    """Turn a PerpNegError into one line on stderr and a non-zero exit, and Ctrl-C into one line and
+    exit code 130 (for scripts): a user's mistake or interruption never prints a traceback."""
     try:
         yield
     except PerpNegError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(exit_code)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)

@@ -16,6 +16,8 @@ import sys
 import tempfile
 import time
 
+from perpneg3d.errors import reported_errors
+
 
 def one_case(run: str, resolution: int, texture: str, formats: list[str]) -> dict:
     """Child process: export once, report seconds, faces and peak RSS."""
@@ -68,4 +70,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reported_errors():  # a user's mistake or Ctrl-C: one line, no traceback
+        sys.exit(main())

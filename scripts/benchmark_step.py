@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from perpneg3d.errors import reported_errors
 from perpneg3d.guidance.random_sd import RandomStableDiffusion
 from perpneg3d.training.step_benchmark import PHASES, build_setup, measure
 
@@ -58,4 +59,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reported_errors():  # a user's mistake or Ctrl-C: one line, no traceback
+        sys.exit(main())

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from perpneg3d.errors import reported_errors
+
 COLUMNS = ["job", "prompt", "seed", "perp_neg", "guidance", "steps", "seconds_per_step", "nonfinite_steps",
            "front_share", "view_acc", "view_acc_aligned", "janus_free", "status"]
 
@@ -69,4 +71,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reported_errors():  # a user's mistake or Ctrl-C: one line, no traceback
+        sys.exit(main())

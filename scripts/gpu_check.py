@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from perpneg3d.errors import reported_errors
 from perpneg3d.geometry.hash_grid import TorchHashGrid, import_tcnn
 from perpneg3d.guidance.random_sd import RandomStableDiffusion
 from perpneg3d.renderer import nerfacc_cuda
@@ -291,4 +292,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reported_errors():  # a user's mistake or Ctrl-C: one line, no traceback
+        sys.exit(main())

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from perpneg3d.errors import first_line
+from perpneg3d.errors import first_line, reported_errors
 
 log = logging.getLogger(__name__)
 EXTENSION_NAME = "nerfacc_cuda"
@@ -230,4 +230,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reported_errors():  # a user's mistake or Ctrl-C: one line, no traceback
+        sys.exit(main())

@@ -1,8 +1,9 @@
-"""Graceful stop on SIGTERM / SIGUSR1 / SIGUSR2 (SLURM's warning and kill signals).
+"""Graceful stop on Ctrl-C (SIGINT) and SIGTERM / SIGUSR1 / SIGUSR2 (SLURM's warning and kill signals).
 
 The handler only sets a flag; the training loop checkpoints at the next step boundary and then hands
 the signal to the handler that was installed before ours (submitit's requeue logic under
-hydra-submitit-launcher), or stops cleanly when there is none.
+hydra-submitit-launcher), or stops cleanly when there is none. A second Ctrl-C does not wait: it
+raises KeyboardInterrupt at once (the last checkpoint on disk stays valid: writes are atomic).
 """
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ import signal
 import threading
 
 log = logging.getLogger(__name__)
-STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2")) if s is not None)
+STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"))
+                     if s is not None)
 
 
 class Preempted(Exception):
-    """Raised after the checkpoint is written, to unwind the training loop."""
+    """Raised after the checkpoint is written, to unwind the training loop; .signum is the signal."""
+
+    def __init__(self, run_dir: str, signum: int | None = None):
+        super().__init__(run_dir)
+        self.signum = signum
 
 
 class PreemptionHandler:
@@ -35,8 +41,13 @@ class PreemptionHandler:
         self._previous.clear()
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            log.warning("second Ctrl-C: stopping now, without a new checkpoint (the last one is kept)")
+            raise KeyboardInterrupt
         if self.signum is None:
-            log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            log.warning("%s: checkpointing at the end of this step%s", name,
+                        " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
         self.signum = signum
         self._frame = frame
 
@@ -48,5 +59,5 @@ class PreemptionHandler:
         """After checkpointing: call the previously installed handler (e.g. submitit requeue), if any."""
         previous = self._previous.get(self.signum)
         self.__exit__()
-        if callable(previous):
+        if callable(previous) and self.signum != signal.SIGINT:  # Ctrl-C ends here: train.py prints how to resume
             previous(self.signum, getattr(self, "_frame", None))

@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from perpneg3d.config import instantiate
+from perpneg3d.config import compose_config, instantiate
 from perpneg3d.errors import require
 from perpneg3d.prompts import validate_prompt
 from perpneg3d.run_dir import check_writable, new_run_dir
 from perpneg3d.training.checkpoint import latest_valid_checkpoint, resolve_resume
 from perpneg3d.training.preemption import Preempted
+from perpneg3d.training.resume_config import requeued_config, resumed_config
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +35,32 @@ def hydra_job_dir() -> Path | None:
     return Path(hc.runtime.output_dir) if hc.mode == RunMode.MULTIRUN else None
 
 
-def prepare_run_dir(cfg: DictConfig) -> tuple[Path, dict | None]:
-    """(run folder, checkpoint state or None): resume=..., a requeued sweep job, or a fresh folder."""
+def command_line_overrides() -> list[str] | None:
+    """The overrides train.py was given (Hydra's task overrides), or None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def prepare_run_dir(cfg: DictConfig, overrides: list[str] | None) -> tuple[DictConfig, Path, dict | None]:
+    """(config, run folder, checkpoint state or None): resume=... and a requeued sweep job rebuild the
+    run from its own config.yaml (resume_config); otherwise a fresh folder and `cfg` as given."""
     if cfg.resume:
         run_dir, path, state = resolve_resume(str(cfg.resume))
         check_writable(run_dir)
+        cfg = resumed_config(cfg, run_dir, overrides, lambda o: compose_config("train", o))
         log.info("resuming from %s (step %d)", path, state["step"])
-        return run_dir, state
+        return cfg, run_dir, state
     job_dir = hydra_job_dir()
     if job_dir is not None:  # sweep job: Hydra's folder; a requeued job finds its own checkpoints there
         job_dir.mkdir(parents=True, exist_ok=True)
         check_writable(job_dir)
         found = latest_valid_checkpoint(job_dir)
         if found is not None:
+            cfg = requeued_config(cfg, job_dir)
             log.info("requeued job: resuming from %s", found[0])
-        return job_dir, (found[1] if found else None)
-    return new_run_dir(Path(cfg.out_dir) / (cfg.name or slug(cfg.prompt))), None
+        return cfg, job_dir, (found[1] if found else None)
+    return cfg, new_run_dir(Path(cfg.out_dir) / (cfg.name or slug(cfg.prompt))), None
 
 
 def janus_evaluator(cfg: DictConfig, denoiser, cameras, run_dir: Path):
@@ -67,11 +79,12 @@ def janus_evaluator(cfg: DictConfig, denoiser, cameras, run_dir: Path):
     return evaluate
 
 
-def train(cfg: DictConfig) -> Path:
-    """Run (or resume) one training job; returns its run folder."""
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
+    """Run (or resume) one training job; returns its run folder. overrides: the command line's
+    (default: Hydra's, under train.py); None outside Hydra, when a resume compares all of `cfg`."""
     validate_prompt(cfg.prompt)
     require(isinstance(cfg.seed, int), f"seed={cfg.seed!r} must be an integer")
-    run_dir, state = prepare_run_dir(cfg)
+    cfg, run_dir, state = prepare_run_dir(cfg, overrides if overrides is not None else command_line_overrides())
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     trainer = instantiate(cfg.trainer)
@@ -91,8 +104,10 @@ def train(cfg: DictConfig) -> Path:
         metrics = trainer.fit(geometry, renderer, guidance, prompts, cameras, run_dir, seed=cfg.seed, state=state,
                               writer=writer, evaluate=janus_evaluator(cfg, guidance.denoiser, cameras, run_dir),
                               export=exporter)
-    except Preempted:
-        print(f"interrupted: checkpoint saved; resume with: python train.py resume={run_dir}")
+    except Preempted as stopped:
+        print(f"interrupted: checkpoint saved; resume with: python train.py resume={run_dir}", flush=True)
+        if stopped.signum == signal.SIGINT:
+            raise SystemExit(130)  # the shell's code for a Ctrl-C
         return run_dir
     finally:
         writer.close()

@@ -148,8 +148,9 @@ class Trainer:
                     path = self.checkpoint(done, ctx)
                     bar.close()
                     log.warning("stopped at step %d; checkpoint %s; resume with resume=%s", done, path, run_dir)
+                    signum = stop.signum
                     stop.hand_over()
-                    raise Preempted(str(run_dir))
+                    raise Preempted(str(run_dir), signum)
                 if done % self.ckpt_every == 0 and done < self.max_steps:
                     self.checkpoint(done, ctx)
         self.checkpoint(self.max_steps, ctx)
