@@ -30,6 +30,7 @@ setup(
         "fast-simplification",
         "tensorboard",
         "tqdm",
+        "pydantic>=2",             # option types and ranges (perpneg3d/validation.py)
     ],
     extras_require={
         # clip-anytorch (the real CLIP BPE vocabulary for the tiny test pipeline) is installed

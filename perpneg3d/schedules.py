@@ -14,12 +14,3 @@ def ramp(value: Ramp, step: int) -> float:
     start_step, start_value, end_value, end_step = value
     frac = min(max((step - start_step) / max(end_step - start_step, 1), 0.0), 1.0)
     return float(start_value + frac * (end_value - start_value))
-
-
-def check_ramp(value: Ramp, name: str) -> None:
-    from perpneg3d.errors import ConfigError
-
-    if isinstance(value, (int, float)):
-        return
-    if len(value) != 4:
-        raise ConfigError(f"{name}={list(value)}: use a number or [start_step, start_value, end_value, end_step]")

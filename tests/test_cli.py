@@ -45,18 +45,12 @@ def test_corrupt_resume_checkpoint_cli(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("trainer.max_steps=0", "trainer.max_steps=0 must be at least 1"),
-    ("trainer.max_steps=-5", "trainer.max_steps=-5 must be at least 1"),
-    ("cameras.batch_size=0", "cameras.batch_size=0 must be at least 1"),
-    ("cameras.heights=[0]", "must be positive"),
     ("+geometry.foo=1", "config key geometry.foo is not an argument of perpneg3d.geometry.implicit_volume.ImplicitVolume: "
                         "remove it or use one of radius, n_levels"),
     ("+guidance.denoiser.text_encoder.dims=8", "config key guidance.denoiser.text_encoder.dims is not an argument"),
-    ("guidance.mode=perp", "guidance.mode='perp' is unknown"),
-    ("export.formats=[fbx]", "export.formats=['fbx']: choose from glb, obj, ply"),
     ("prompt=a teapot", "names no object the toy prior knows"),
 ])
-def test_bad_values_in_process(override, message, tmp_path):
+def test_bad_keys_and_prompts_in_process(override, message, tmp_path):
     with pytest.raises(PerpNegError) as err:
         train(compose_train(TINY_TOY + [override], tmp_path))
     assert message in str(err.value) and "\n" not in str(err.value)

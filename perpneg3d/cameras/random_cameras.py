@@ -8,6 +8,16 @@ import torch.nn.functional as F
 
 from perpneg3d.cameras.camera_batch import CameraBatch, look_at, spherical_position
 from perpneg3d.errors import require
+from perpneg3d.validation import (
+    AzimuthRange,
+    ElevationRange,
+    FovRange,
+    Milestones,
+    NonNegativeFloat,
+    PositiveInt,
+    PositiveRange,
+    validated,
+)
 
 
 def _uniform(lo: float, hi: float, n: int, g: torch.Generator) -> torch.Tensor:
@@ -23,26 +33,25 @@ class RandomCameras:
     light_distance_range. The render size steps through `heights`/`widths` at `resolution_milestones`.
     """
 
+    @validated("cameras")
     def __init__(
         self,
-        batch_size: int = 1,
-        heights: Sequence[int] = (64,),
-        widths: Sequence[int] | None = None,
-        resolution_milestones: Sequence[int] = (),
-        distance_range: Sequence[float] = (1.5, 2.0),
-        fovy_range: Sequence[float] = (40.0, 70.0),
-        elevation_range: Sequence[float] = (-10.0, 45.0),
-        azimuth_range: Sequence[float] = (-180.0, 180.0),
+        batch_size: PositiveInt = 1,
+        heights: Sequence[PositiveInt] = (64,),
+        widths: Sequence[PositiveInt] | None = None,
+        resolution_milestones: Milestones = (),
+        distance_range: PositiveRange = (1.5, 2.0),
+        fovy_range: FovRange = (40.0, 70.0),
+        elevation_range: ElevationRange = (-10.0, 45.0),
+        azimuth_range: AzimuthRange = (-180.0, 180.0),
         stratified_azimuth: bool = True,
-        camera_perturb: float = 0.1,
-        center_perturb: float = 0.2,
-        up_perturb: float = 0.02,
-        light_distance_range: Sequence[float] = (0.8, 1.5),
-        light_position_perturb: float = 1.0,
+        camera_perturb: NonNegativeFloat = 0.1,
+        center_perturb: NonNegativeFloat = 0.2,
+        up_perturb: NonNegativeFloat = 0.02,
+        light_distance_range: PositiveRange = (0.8, 1.5),
+        light_position_perturb: NonNegativeFloat = 1.0,
     ):
         heights, widths = list(heights), list(widths or heights)
-        require(batch_size >= 1, f"cameras.batch_size={batch_size} must be at least 1")
-        require(all(int(h) >= 1 for h in heights + widths), f"cameras.heights/widths {heights}/{widths} must be positive")
         require(len(heights) == len(widths) == len(resolution_milestones) + 1,
                 f"cameras: {len(heights)} heights need {len(heights) - 1} resolution_milestones, got {list(resolution_milestones)}")
         self.batch_size, self.heights, self.widths = batch_size, heights, widths

@@ -11,15 +11,23 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from perpneg3d.errors import ConfigError, require
-from perpneg3d.export.extraction import (clean_mesh, marching_cubes, occupied_bounds, resolve_threshold, sample_grid,
-                                        sample_grid_near_level)
+from perpneg3d.export.extraction import (
+    clean_mesh,
+    marching_cubes,
+    occupied_bounds,
+    resolve_threshold,
+    sample_grid,
+    sample_grid_near_level,
+)
 from perpneg3d.export.texture import bake_texture, unwrap
+from perpneg3d.validation import PositiveFloat, PositiveInt, Probability, validated
 
 log = logging.getLogger(__name__)
 FORMATS = ("glb", "obj", "ply")
@@ -83,16 +91,17 @@ class MeshExporter:
     grows faster than the face count (docs/export.md), and the texture, not the faces, carries colour.
     """
 
-    def __init__(self, formats: Sequence[str] = ("glb",), resolution: int = 256, threshold="auto",
-                 tight_bbox: bool = True, coarse_resolution: int = 64, chunk_size: int = 262144, min_component_ratio: float = 0.05,
-                 max_faces: int | None = None, texture: str = "vertex", texture_size: int = 1024,
-                 uv_max_faces: int | None = 100000, height_m: float = 1.0, file_name: str = "mesh"):
+    @validated("export")
+    def __init__(self, formats: Sequence[str] = ("glb",), resolution: Annotated[int, Field(ge=8)] = 256, threshold="auto",
+                 tight_bbox: bool = True, coarse_resolution: Annotated[int, Field(ge=8)] = 64,
+                 chunk_size: PositiveInt = 262144, min_component_ratio: Probability = 0.05,
+                 max_faces: Annotated[int, Field(ge=4)] | None = None, texture: str = "vertex",
+                 texture_size: Annotated[int, Field(ge=16)] = 1024, uv_max_faces: Annotated[int, Field(ge=4)] | None = 100000,
+                 height_m: PositiveFloat = 1.0, file_name: str = "mesh"):
         formats = [formats] if isinstance(formats, str) else list(formats)
         bad = [f for f in formats if f not in FORMATS]
         require(not bad and formats, f"export.formats={formats}: choose from {', '.join(FORMATS)}")
-        require(resolution >= 8, f"export.resolution={resolution} must be at least 8")
         require(texture in ("vertex", "uv"), f"export.texture={texture!r}: use vertex or uv")
-        require(height_m > 0, f"export.height_m={height_m} must be positive")
         if threshold != "auto":
             try:
                 threshold = float(threshold)

@@ -1,12 +1,16 @@
 """The NeRF field: hash grid -> density and albedo MLPs, with Magic3D's density blob."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from perpneg3d.errors import require
 from perpneg3d.geometry.hash_grid import HashGridEncoding
+from perpneg3d.validation import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, validated
 
 
 def mlp(n_in: int, n_out: int, width: int, hidden_layers: int) -> nn.Sequential:
@@ -27,24 +31,25 @@ class ImplicitVolume(nn.Module):
     `start_step` (start_level = n_levels turns it off).
     """
 
+    @validated("geometry")
     def __init__(
         self,
-        radius: float = 2.0,
-        n_levels: int = 16,
-        n_features_per_level: int = 2,
-        log2_hashmap_size: int = 19,
-        base_resolution: int = 16,
-        finest_resolution: int = 2048,
+        radius: PositiveFloat = 2.0,
+        n_levels: PositiveInt = 16,
+        n_features_per_level: PositiveInt = 2,
+        log2_hashmap_size: Annotated[int, Field(ge=4, le=30)] = 19,
+        base_resolution: PositiveInt = 16,
+        finest_resolution: PositiveInt = 2048,
         implementation: str = "auto",
-        mlp_width: int = 64,
-        mlp_hidden_layers: int = 1,
-        blob_scale: float = 10.0,
-        blob_std: float = 0.5,
+        mlp_width: PositiveInt = 64,
+        mlp_hidden_layers: NonNegativeInt = 1,
+        blob_scale: NonNegativeFloat = 10.0,
+        blob_std: PositiveFloat = 0.5,
         normal_type: str = "finite_difference",
-        finite_difference_eps: float = 0.01,
-        start_level: int = 16,
-        start_step: int = 0,
-        update_steps: int = 500,
+        finite_difference_eps: PositiveFloat = 0.01,
+        start_level: PositiveInt = 16,
+        start_step: NonNegativeInt = 0,
+        update_steps: PositiveInt = 500,
     ):
         super().__init__()
         require(radius > 0, f"geometry.radius={radius} must be positive")

@@ -13,7 +13,8 @@ from torch import Tensor
 from perpneg3d.errors import require
 from perpneg3d.guidance.denoiser import add_noise
 from perpneg3d.guidance.perpneg import MODES, combine
-from perpneg3d.schedules import Ramp, check_ramp, ramp
+from perpneg3d.schedules import ramp
+from perpneg3d.validation import PositiveFloat, RampValue, validated
 
 
 @dataclass
@@ -37,20 +38,19 @@ class ScoreDistillation:
     weighting "sds": w(t) = 1 - alphas_cumprod[t]; "uniform": w(t) = 1.
     """
 
+    @validated("guidance")
     def __init__(
         self,
         denoiser,
-        guidance_scale: float = 100.0,
+        guidance_scale: PositiveFloat = 100.0,
         mode: str = "perpneg",
-        min_step_percent: Ramp = 0.02,
-        max_step_percent: Ramp = 0.98,
+        min_step_percent: RampValue = 0.02,
+        max_step_percent: RampValue = 0.98,
         weighting: str = "sds",
-        grad_clip: float | None = None,
+        grad_clip: RampValue | None = None,
     ):
         require(mode in MODES, f"guidance.mode={mode!r} is unknown: use one of {', '.join(MODES)}")
         require(weighting in ("sds", "uniform"), f"guidance.weighting={weighting!r} is unknown: use sds or uniform")
-        check_ramp(min_step_percent, "guidance.min_step_percent")
-        check_ramp(max_step_percent, "guidance.max_step_percent")
         for step in (0, 10**9):
             lo, hi = ramp(min_step_percent, step), ramp(max_step_percent, step)
             require(0 <= lo < hi <= 1, f"guidance step range [{min_step_percent}, {max_step_percent}] must satisfy 0 <= min < max <= 1")

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Annotated, Mapping
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from perpneg3d.errors import ConfigError
 from perpneg3d.prompts.view_weights import NEGATIVE_VIEWS, ExponentialSchedule
 from perpneg3d.prompts.views import VIEWS, view_labels, view_prompt
+from perpneg3d.validation import Elevation, validated
 
 
 @dataclass
@@ -46,6 +48,7 @@ class ViewPrompts:
     view_prompts overrides the text of single views, e.g. {"back": "a corgi seen from behind"}.
     """
 
+    @validated("prompts")
     def __init__(
         self,
         prompt: str,
@@ -54,9 +57,9 @@ class ViewPrompts:
         template: str = "{prompt}, {view} view",
         view_prompts: Mapping[str, str] | None = None,
         schedule=None,
-        front_max_deg: float = 45.0,
-        back_min_deg: float = 135.0,
-        overhead_min_deg: float = 60.0,
+        front_max_deg: Annotated[float, Field(gt=0, le=180)] = 45.0,
+        back_min_deg: Annotated[float, Field(gt=0, le=180)] = 135.0,
+        overhead_min_deg: Elevation = 60.0,
     ):
         self.prompt = validate_prompt(prompt)
         self.negative_prompt = negative_prompt

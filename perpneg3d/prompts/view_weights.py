@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from perpneg3d.prompts.views import BACK, FRONT, OVERHEAD, SIDE, wrap_azimuth
+from perpneg3d.validation import Elevation, NonNegativeFloat, WeightCurve, validated
 
 NEGATIVE_VIEWS = ("front", "side")
 
@@ -65,13 +66,14 @@ class ExponentialSchedule(ViewSchedule):
     |a| >= 90: r = 2 - |a|/90, negatives (side, front) weighted (f_sb(r), f_fsb(r)).
     """
 
+    @validated("prompts.schedule")
     def __init__(
         self,
-        front_side: Sequence[float] = (4.0, 0.5, -2.426),
-        side_front: Sequence[float] = (4.0, 0.5, -2.426),
-        side_back: Sequence[float] = (1.0, 0.5, -0.606),
-        front_side_back: Sequence[float] = (1.0, 0.5, 0.967),
-        overhead_min_deg: float = 60.0,
+        front_side: WeightCurve = (4.0, 0.5, -2.426),
+        side_front: WeightCurve = (4.0, 0.5, -2.426),
+        side_back: WeightCurve = (1.0, 0.5, -0.606),
+        front_side_back: WeightCurve = (1.0, 0.5, 0.967),
+        overhead_min_deg: Elevation = 60.0,
     ):
         self.f_fs, self.f_sf = tuple(front_side), tuple(side_front)
         self.f_sb, self.f_fsb = tuple(side_back), tuple(front_side_back)
@@ -91,12 +93,13 @@ class StableDreamfusionSchedule(ViewSchedule):
     |a| >= 90: front weight = weight; side weight 0 if r > 0.8 else weight/2 * exp(-front_decay r).
     """
 
+    @validated("prompts.schedule")
     def __init__(
         self,
-        front_decay: float = 2.0,
-        side_decay: float = 10.0,
-        weight: float = 2.0,
-        overhead_min_deg: float = 60.0,
+        front_decay: NonNegativeFloat = 2.0,
+        side_decay: NonNegativeFloat = 10.0,
+        weight: NonNegativeFloat = 2.0,
+        overhead_min_deg: Elevation = 60.0,
     ):
         self.front_decay, self.side_decay, self.weight = front_decay, side_decay, weight
         self.overhead_min_deg = overhead_min_deg

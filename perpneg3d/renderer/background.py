@@ -1,18 +1,18 @@
 """Backgrounds composited behind the object: a solid colour or a small neural environment map."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor, nn
 
 from perpneg3d.random_streams import RandomStreams
+from perpneg3d.validation import NonNegativeInt, PositiveInt, Probability, Unit, validated
 
 
 class SolidBackground(nn.Module):
     """A constant colour (white by default: the toy world's renders are on white)."""
 
-    def __init__(self, color: Sequence[float] = (1.0, 1.0, 1.0)):
+    @validated("renderer.background")
+    def __init__(self, color: tuple[Unit, Unit, Unit] = (1.0, 1.0, 1.0)):
         super().__init__()
         self.register_buffer("color", torch.tensor(list(color), dtype=torch.float32), persistent=False)
 
@@ -26,7 +26,9 @@ class NeuralEnvironmentMap(nn.Module):
     `random_aug_prob` the whole batch gets a random solid colour instead, so the background cannot
     explain the object (threestudio's random_aug)."""
 
-    def __init__(self, n_frequencies: int = 3, width: int = 32, hidden_layers: int = 1, random_aug_prob: float = 0.5):
+    @validated("renderer.background")
+    def __init__(self, n_frequencies: NonNegativeInt = 3, width: PositiveInt = 32, hidden_layers: NonNegativeInt = 1,
+                 random_aug_prob: Probability = 0.5):
         super().__init__()
         self.n_frequencies, self.random_aug_prob = n_frequencies, random_aug_prob
         layers, dim = [], 3 + 6 * n_frequencies

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from perpneg3d.errors import require
+from perpneg3d.validation import NonNegativeFloat, NonNegativeInt, Probability, validated
 
 SHADINGS = ("albedo", "lambertian", "textureless")
 
@@ -15,8 +16,10 @@ class DiffuseMaterial:
     then per step albedo with probability `albedo_ratio`, else textureless with probability
     `textureless_prob`, else lambertian. color = albedo * (ambient + diffuse * max(0, n.l))."""
 
-    def __init__(self, ambient_light_color: float = 0.1, diffuse_light_color: float = 0.9, ambient_only_steps: int = 1000,
-                 albedo_ratio: float = 0.2, textureless_prob: float = 0.5, train_shadings: tuple = SHADINGS):
+    @validated("renderer.material")
+    def __init__(self, ambient_light_color: NonNegativeFloat = 0.1, diffuse_light_color: NonNegativeFloat = 0.9,
+                 ambient_only_steps: NonNegativeInt = 1000, albedo_ratio: Probability = 0.2,
+                 textureless_prob: Probability = 0.5, train_shadings: tuple = SHADINGS):
         require(all(s in SHADINGS for s in train_shadings), f"material.train_shadings={list(train_shadings)}: use {SHADINGS}")
         self.ambient, self.diffuse = ambient_light_color, diffuse_light_color
         self.ambient_only_steps, self.albedo_ratio, self.textureless_prob = ambient_only_steps, albedo_ratio, textureless_prob

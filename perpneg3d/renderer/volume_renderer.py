@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from perpneg3d.cameras import CameraBatch
-from perpneg3d.errors import ConfigError, require
+from perpneg3d.errors import ConfigError
 from perpneg3d.random_streams import RandomStreams
 from perpneg3d.renderer import nerfacc_cuda
+from perpneg3d.validation import NonNegativeFloat, PositiveFloat, PositiveInt, validated
 
 
 @dataclass
@@ -62,12 +63,13 @@ class VolumeRenderer(nn.Module):
     skip_empty: keep an occupancy grid for the stratified sampler too and skip samples in empty cells.
     """
 
-    def __init__(self, background: nn.Module, material, radius: float = 2.0, num_samples_per_ray: int = 64,
-                 estimator: str = "auto", grid_resolution: int = 32, render_step_size: float | None = None,
-                 occ_update_every: int = 16, occ_threshold: float = 0.01, near_plane: float = 0.0,
-                 chunk_rays: int = 16384, normal_weight_threshold: float = 1e-4, skip_empty: bool = True):
+    @validated("renderer")
+    def __init__(self, background: nn.Module, material, radius: PositiveFloat = 2.0, num_samples_per_ray: PositiveInt = 64,
+                 estimator: str = "auto", grid_resolution: PositiveInt = 32, render_step_size: PositiveFloat | None = None,
+                 occ_update_every: PositiveInt = 16, occ_threshold: NonNegativeFloat = 0.01,
+                 near_plane: NonNegativeFloat = 0.0, chunk_rays: PositiveInt = 16384,
+                 normal_weight_threshold: NonNegativeFloat = 1e-4, skip_empty: bool = True):
         super().__init__()
-        require(num_samples_per_ray >= 1, f"renderer.num_samples_per_ray={num_samples_per_ray} must be at least 1")
         if estimator not in ("auto", "occgrid", "stratified"):
             raise ConfigError(f"renderer.estimator={estimator!r}: use auto, occgrid or stratified")
         self.background, self.material = background, material

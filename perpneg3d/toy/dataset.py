@@ -6,14 +6,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from perpneg3d.cameras import CameraBatch, look_at, spherical_position
 from perpneg3d.errors import ConfigError
 from perpneg3d.toy.objects import check_objects, render_objects
+from perpneg3d.validation import ElevationRange, Fov, PositiveInt, PositiveRange, Probability, validated
 
 log = logging.getLogger(__name__)
 DATA_VERSION = 1  # bump when rendering or captioning changes: it is part of the cache key
@@ -62,18 +64,19 @@ class ToyDataset:
     Fields: images [M,3,R,R] in [0,1], captions, object_idx, view_idx, azimuth_deg, elevation_deg [M].
     """
 
+    @validated("guidance.denoiser.dataset")
     def __init__(
         self,
         objects: Sequence[str] = ("dog", "cat", "car"),
-        num_images: int = 3000,
-        resolution: int = 32,
-        view_probs: Sequence[float] = (0.6, 0.25, 0.15),
-        view_caption_prob: float = 0.33,
-        wrong_view_prob: float = 0.2,
-        elevation_range: Sequence[float] = (0.0, 30.0),
-        distance_range: Sequence[float] = (1.8, 2.1),
-        fovy_deg: float = 40.0,
-        supersample: int = 2,
+        num_images: PositiveInt = 3000,
+        resolution: Annotated[int, Field(ge=8)] = 32,
+        view_probs: tuple[Probability, Probability, Probability] = (0.6, 0.25, 0.15),
+        view_caption_prob: Probability = 0.33,
+        wrong_view_prob: Probability = 0.2,
+        elevation_range: ElevationRange = (0.0, 30.0),
+        distance_range: PositiveRange = (1.8, 2.1),
+        fovy_deg: Fov = 40.0,
+        supersample: PositiveInt = 2,
         seed: int = 0,
         cache_dir: str | None = None,
     ):

@@ -22,6 +22,7 @@ from perpneg3d.devices import resolve_device
 from perpneg3d.errors import ConfigError
 from perpneg3d.toy.dataset import ToyDataset
 from perpneg3d.toy.text import SYNONYMS, ToyTextEncoder, object_of
+from perpneg3d.validation import NonNegativeFloat, PositiveFloat, PositiveInt, validated
 
 
 def linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -32,15 +33,16 @@ def linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1
 class ToyPrior:
     """Implements the denoiser interface on a ToyDataset; `latents` are images in [-1, 1]."""
 
+    @validated("guidance.denoiser")
     def __init__(
         self,
         dataset: ToyDataset,
         text_encoder: ToyTextEncoder | None = None,
-        tau: float = 0.1,
-        smoothing: float = 0.0,
-        num_train_timesteps: int = 1000,
+        tau: PositiveFloat = 0.1,
+        smoothing: NonNegativeFloat = 0.0,
+        num_train_timesteps: PositiveInt = 1000,
         device: str = "auto",
-        chunk_size: int = 512,
+        chunk_size: PositiveInt = 512,
     ):
         if tau <= 0 or smoothing < 0:
             raise ConfigError(f"toy prior needs tau > 0 and smoothing >= 0, got tau={tau}, smoothing={smoothing}")

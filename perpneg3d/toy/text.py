@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from perpneg3d.errors import ConfigError
+from perpneg3d.validation import NonNegativeFloat, PositiveInt, validated
 
 SYNONYMS = {
     "dog": ("dog", "dogs", "puppy", "corgi", "westie", "terrier", "doggy", "hound"),
@@ -40,7 +41,9 @@ def object_of(text: str) -> str | None:
 class ToyTextEncoder:
     """Maps texts to [N, dim] vectors; <e(p), e(c)> is large when p and c name the same things."""
 
-    def __init__(self, dim: int = 64, object_weight: float = 1.0, view_weight: float = 0.2, other_weight: float = 0.05):
+    @validated("guidance.denoiser.text_encoder")
+    def __init__(self, dim: PositiveInt = 64, object_weight: NonNegativeFloat = 1.0, view_weight: NonNegativeFloat = 0.2,
+                 other_weight: NonNegativeFloat = 0.05):
         if dim <= len(CONCEPTS):
             raise ConfigError(f"text dim={dim} must exceed the {len(CONCEPTS)} concept directions")
         self.dim, self.object_weight, self.view_weight, self.other_weight = dim, object_weight, view_weight, other_weight

@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +18,15 @@ from perpneg3d.training.checkpoint import checkpoint_path, prune_checkpoints, sa
 from perpneg3d.training.preemption import Preempted, PreemptionHandler
 from perpneg3d.training.timing import NULL_TIMER, PhaseTimer
 from perpneg3d.training.visuals import render_turntable, validation_grid
+from perpneg3d.validation import (
+    Elevation,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    RampValue,
+    validated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,33 +57,31 @@ def write_progress(run_dir: Path, step: int, max_steps: int, metrics: dict, coun
 class Trainer:
     """Hyper-parameters of a run; fit() trains the given components and writes the run folder."""
 
+    @validated("trainer")
     def __init__(
         self,
-        max_steps: int = 10000,
-        learning_rates: Mapping[str, float] | None = None,
-        betas: Sequence[float] = (0.9, 0.99),
-        eps: float = 1e-15,
-        lambda_sds: float = 1.0,
-        lambda_orient=(0, 10.0, 1000.0, 5000),
-        lambda_sparsity: float = 1.0,
-        lambda_opaque: float = 0.0,
-        lambda_z_variance: float = 0.0,
-        val_every: int = 200,
-        val_resolution: int = 128,
-        ckpt_every: int = 500,
-        keep_checkpoints: int = 3,
-        log_every: int = 10,
-        turntable_frames: int = 120,
-        turntable_fps: int = 30,
-        turntable_resolution: int = 256,
-        turntable_elevation: float = 15.0,
-        max_nonfinite_steps: int = 20,
-        nonfinite_skip_share: float = 0.5,
+        max_steps: PositiveInt = 10000,
+        learning_rates: Mapping[str, NonNegativeFloat] | None = None,
+        betas: tuple[Probability, Probability] = (0.9, 0.99),
+        eps: PositiveFloat = 1e-15,
+        lambda_sds: RampValue = 1.0,
+        lambda_orient: RampValue = (0, 10.0, 1000.0, 5000),
+        lambda_sparsity: RampValue = 1.0,
+        lambda_opaque: RampValue = 0.0,
+        lambda_z_variance: RampValue = 0.0,
+        val_every: PositiveInt = 200,
+        val_resolution: PositiveInt = 128,
+        ckpt_every: PositiveInt = 500,
+        keep_checkpoints: PositiveInt = 3,
+        log_every: PositiveInt = 10,
+        turntable_frames: PositiveInt = 120,
+        turntable_fps: PositiveInt = 30,
+        turntable_resolution: PositiveInt = 256,
+        turntable_elevation: Elevation = 15.0,
+        max_nonfinite_steps: PositiveInt = 20,
+        nonfinite_skip_share: Probability = 0.5,
         progress: bool = True,
     ):
-        require(max_steps >= 1, f"trainer.max_steps={max_steps} must be at least 1")
-        require(val_resolution >= 1 and turntable_resolution >= 1, "trainer.val_resolution and turntable_resolution must be positive")
-        require(ckpt_every >= 1 and val_every >= 1 and log_every >= 1, "trainer.ckpt_every, val_every and log_every must be at least 1")
         self.max_steps, self.lrs = max_steps, dict(learning_rates or DEFAULT_LRS)
         self.betas, self.eps = tuple(betas), eps
         self.lambdas = dict(sds=lambda_sds, orient=lambda_orient, sparsity=lambda_sparsity, opaque=lambda_opaque,
@@ -83,7 +90,6 @@ class Trainer:
         self.keep_checkpoints, self.log_every = keep_checkpoints, log_every
         self.turntable = dict(frames=turntable_frames, fps=turntable_fps, resolution=turntable_resolution,
                               elevation=turntable_elevation)
-        require(0 <= nonfinite_skip_share <= 1, f"trainer.nonfinite_skip_share={nonfinite_skip_share} must lie in [0, 1]")
         self.max_nonfinite_steps, self.nonfinite_skip_share, self.progress = max_nonfinite_steps, nonfinite_skip_share, progress
 
     # -- set-up ------------------------------------------------------------------------------
