@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import sys
 import warnings
@@ -122,6 +123,10 @@ def run_script(config_name: str, fn: Callable) -> None:
     quiet_schema_warning()
     with reported_errors():
         check_overrides(config_name, sys.argv[1:])
+    if "-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]:  # jobs that run at once share the cores (threads.py)
+        from perpneg3d.threads import SWEEP_JOBS_ENV, count_sweep_jobs
+
+        os.environ[SWEEP_JOBS_ENV] = str(count_sweep_jobs(sys.argv[1:]))
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
     def _main(cfg):

@@ -109,3 +109,20 @@ def test_bad_inputs():
         combine(u, p, n, w, 1.0, "nope")
     with pytest.raises(ValueError, match="neg_weights must be"):
         combine(u, p, n, w[:, :1], 1.0)
+
+
+def test_negprompt_with_view_negatives_keeps_the_scale_on_front_cameras():
+    """A front camera's positive is the front embedding, which is also negative 0 (weight 0 there):
+    negprompt must push away from the side negative (weight 1.57), not cancel against its own positive."""
+    eps_u, eps_pos = one(0, 0), one(1, 2)
+    eps_neg = torch.stack([one(1, 2), one(4, -1)], 1)  # [front (== positive), side]
+    out = combine(eps_u, eps_pos, eps_neg, torch.tensor([[0.0, 1.574]]), 3.0, "negprompt")
+    assert torch.allclose(out, one(4, -1) + 3 * (one(1, 2) - one(4, -1)))  # [-5, 8], not eps_pos
+    # a side camera (front weighted) picks the front negative; all weights 0 (overhead): plain CFG
+    out = combine(eps_u, eps_pos, eps_neg, torch.tensor([[1.574, 0.0]]), 3.0, "negprompt")
+    assert torch.allclose(out, one(1, 2))  # its front negative equals this positive in this made-up case
+    assert torch.allclose(combine(eps_u, eps_pos, eps_neg, torch.zeros(1, 2), 3.0, "negprompt"), one(3, 6))
+    # per sample in one batch: the two cases above side by side
+    both = combine(torch.zeros(2, 2), torch.tensor([[1.0, 2], [1, 2]]), torch.cat([eps_neg, eps_neg]),
+                   torch.tensor([[0.0, 1.574], [0.0, 0.0]]), 3.0, "negprompt")
+    assert torch.allclose(both, torch.tensor([[-5.0, 8.0], [3.0, 6.0]]))

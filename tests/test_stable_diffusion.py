@@ -39,6 +39,53 @@ def test_cfg_sampler_matches_diffusers_pipeline(tiny_sd, tiny_sd_path):
     assert not torch.allclose(pn2, ref, atol=1e-3)
 
 
+@pytest.fixture(scope="module")
+def tiny_sd_v_path(tmp_path_factory):
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction")
+
+
+def test_v_prediction_model_gives_epsilon(tiny_sd, tiny_sd_v_path):
+    """Same weights, saved as v-prediction: eps() = sqrt(abar) * unet_out + sqrt(1 - abar) * x_t."""
+    v_model = StableDiffusion(str(tiny_sd_v_path), device="cpu")
+    assert v_model.prediction_type == "v_prediction" and tiny_sd.prediction_type == "epsilon"
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([50, 700])
+    emb = tiny_sd.embed(["", "a corgi"])
+    with torch.no_grad():
+        raw = tiny_sd.eps(x, t, emb)  # the epsilon model's eps() is the raw UNet output of the same weights
+        eps = v_model.eps(x, t, emb)
+    abar = tiny_sd.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(eps, abar.sqrt() * raw + (1 - abar).sqrt() * x, atol=1e-6)
+    assert not torch.allclose(eps, raw, atol=1e-2)
+
+
+def test_v_prediction_sampler_matches_diffusers_pipeline(tiny_sd_v_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    v_model = StableDiffusion(str(tiny_sd_v_path), device="cpu")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_v_path), safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a corgi standing", num_inference_steps=4, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    ours = sample(v_model, v_model.embed(["", "a corgi standing"]), torch.zeros(0), 1, scale=7.5, mode="cfg",
+                  steps=4, generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_unsupported_prediction_type_is_refused(tmp_path):
+    from tiny_sd import build_tiny_sd
+
+    folder = build_tiny_sd(tmp_path / "sample", prediction_type="sample")
+    with pytest.raises(ModelNotFoundError, match=r"predicts 'sample' \(scheduler prediction_type\); perpneg3d reads "
+                                                 r"epsilon and v_prediction models"):
+        StableDiffusion(str(folder), device="cpu")
+
+
 def test_batched_unet_call_equals_per_prompt_calls(tiny_sd):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 4, 16, 16, generator=g)

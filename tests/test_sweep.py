@@ -1,10 +1,12 @@
 """Sweeps through Hydra's submitit launcher, collected into one table; a requeued job resumes."""
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from helpers import TINY_TOY, subprocess_env
+from perpneg3d.threads import SWEEP_JOBS_ENV, count_sweep_jobs, job_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = TINY_TOY + ["trainer.max_steps=4", "trainer.val_every=4", "trainer.ckpt_every=4", "~export"]
@@ -22,6 +24,10 @@ def test_submitit_local_sweep_and_collect(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").exists())
     assert [j.name for j in jobs] == ["0", "1"]  # one run folder per job
+    # the two jobs run at once and share the cores: each gets half of them
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.out"))
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert logs.count(f"torch threads: {share}") == 2, logs[-2000:]
     collected = run(["scripts/collect_sweep.py", str(sweep)])
     assert collected.returncode == 0, collected.stderr
     rows = list(csv.DictReader(open(sweep / "sweep.csv")))
@@ -40,6 +46,19 @@ def test_requeued_sweep_job_resumes_from_its_checkpoint(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "requeued job: resuming from" in again.stdout + again.stderr
     assert sorted(p.name for p in (sweep / "0" / "ckpts").iterdir()) == ["step_0000003.ckpt", "step_0000005.ckpt"]
+
+
+def test_sweep_job_count_and_thread_share():
+    assert count_sweep_jobs(["-m", "seed=0,1,2", "prompts.perp_neg=true,false", "experiment=toy"]) == 6
+    assert count_sweep_jobs(["-m", "seed=range(4)", "hydra/launcher=submitit_local"]) == 4
+    local = {"SUBMITIT_LOCAL_JOB_ID": "1", SWEEP_JOBS_ENV: "2"}
+    assert job_threads("auto", local, cores=2) == 1
+    assert job_threads("auto", local, cores=16) == 8
+    assert job_threads("auto", {"SUBMITIT_LOCAL_JOB_ID": "1", SWEEP_JOBS_ENV: "6"}, cores=4) == 1  # never 0
+    assert job_threads("auto", local, launcher_cpus=3, cores=16) == 3  # hydra.launcher.cpus_per_task wins
+    assert job_threads("auto", {"SLURM_CPUS_PER_TASK": "8", SWEEP_JOBS_ENV: "2"}, cores=64) == 8
+    assert job_threads("auto", {}, cores=16) is None  # a single run: torch's default
+    assert job_threads(5, local, cores=2) == 5
 
 
 def test_collect_sweep_rejects_a_wrong_folder(tmp_path):

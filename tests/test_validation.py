@@ -40,6 +40,7 @@ CATALOGUE = [
     ("export.resolution=4", "export.resolution=4: must be greater than or equal to 8"),
     ("export.min_component_ratio=2", "export.min_component_ratio=2: must be less than or equal to 1"),
     ("seed=0.5", "seed=0.5 must be an integer"),
+    ("threads=0", "threads=0: use auto or a positive integer"),
 ]
 
 

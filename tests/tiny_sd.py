@@ -45,7 +45,7 @@ def write_clip_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def build_tiny_sd(folder: Path) -> Path:
+def build_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
     """Save a tiny SD pipeline (image 32x32, latents 4x16x16) to `folder` and return it."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -71,7 +71,7 @@ def build_tiny_sd(folder: Path) -> Path:
     ))
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,

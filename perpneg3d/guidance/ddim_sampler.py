@@ -5,16 +5,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from perpneg3d.guidance.perpneg import combine
+from perpneg3d.guidance.perpneg import guided_eps
 
 
 def make_ddim_scheduler(denoiser):
-    """DDIM from the denoiser's own scheduler config when it has one, else from its alphas_cumprod."""
+    """DDIM from the denoiser's own scheduler config when it has one, else from its alphas_cumprod.
+    Denoisers return epsilon whatever their model predicts (a v-prediction model converts in eps()),
+    so the scheduler always reads epsilon."""
     from diffusers import DDIMScheduler
 
     config = getattr(denoiser, "scheduler_config", None)
     if config:
-        return DDIMScheduler.from_config(config)
+        return DDIMScheduler.from_config(config, prediction_type="epsilon")
     abar = denoiser.alphas_cumprod.double().cpu()
     betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
     return DDIMScheduler(
@@ -54,14 +56,11 @@ def sample(
     gen_device = generator.device if generator is not None else device
     latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
     latents = latents * scheduler.init_noise_sigma
-    num_blocks, num_neg = text_emb.shape[0], text_emb.shape[0] - 2
-    emb = text_emb.to(device).repeat_interleave(num_samples, dim=0)
-    weights = neg_weights.to(device).float().reshape(1, num_neg).expand(num_samples, num_neg)
+    num_neg = text_emb.shape[0] - 2
+    emb = text_emb.to(device).repeat_interleave(num_samples, dim=0)  # block layout: each prompt x num_samples
+    weights = neg_weights.to(device).float().reshape(1, num_neg).expand(num_samples, num_neg) if num_neg else None
     for t in tqdm(scheduler.timesteps, desc=f"DDIM {mode}", disable=not progress, leave=False):
-        x_in = scheduler.scale_model_input(latents, t).repeat(num_blocks, *([1] * (latents.dim() - 1)))
-        eps_all = denoiser.eps(x_in, t.reshape(1).expand(x_in.shape[0]).to(device), emb)
-        eps_all = eps_all.reshape(num_blocks, num_samples, *latents.shape[1:])
-        eps_neg = eps_all[2:].transpose(0, 1) if num_neg else None
-        eps_hat = combine(eps_all[0], eps_all[1], eps_neg, weights if num_neg else None, scale, mode)
+        x_in = scheduler.scale_model_input(latents, t)
+        eps_hat = guided_eps(denoiser, x_in, t.reshape(1).expand(num_samples).to(device), emb, weights, scale, mode)
         latents = scheduler.step(eps_hat.to(latents.dtype), t, latents, eta=eta, generator=generator).prev_sample
     return denoiser.decode(latents)

@@ -4,6 +4,7 @@ Armandpour et al. 2023, "Re-imagine the Negative Prompt Algorithm", eq. (4)-(5) 
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from perpneg3d.errors import ConfigError
@@ -39,7 +40,10 @@ def combine(
     (eps_neg/neg_weights None or empty). With d_c = eps_c - eps_uncond and w = scale:
 
     - ``cfg``:       eps_uncond + w * d_pos
-    - ``negprompt``: eps_neg_0 + w * (eps_pos - eps_neg_0)   (eps_uncond if K = 0)
+    - ``negprompt``: eps_neg_k + w * (eps_pos - eps_neg_k), k the sample's most weighted negative
+                     (eps_uncond when K = 0 or all its weights are 0). With view negatives, a
+                     camera's own view gets weight 0, so a front camera pushes away from the side,
+                     never from its own positive (which would cancel the scale).
     - ``cebm``:      eps_uncond + w * (d_pos - sum_k w_k d_neg_k)
     - ``perpneg``:   eps_uncond + w * (d_pos - sum_k w_k perp(d_neg_k, d_pos))
 
@@ -61,7 +65,13 @@ def combine(
         eps_neg = eps_neg.float()
 
     if mode == "negprompt":
-        base = eps_neg[:, 0] if num_neg else eps_uncond
+        base = eps_uncond
+        if num_neg:
+            w = neg_weights.float()
+            pick = w.argmax(1).view(batch, 1, *([1] * (eps_pos.dim() - 1))).expand(batch, 1, *eps_pos.shape[1:])
+            chosen = eps_neg.gather(1, pick).squeeze(1)  # gather, not a mask: no host sync
+            has_neg = (w.amax(1) > 0).view(batch, *([1] * (eps_pos.dim() - 1)))
+            base = torch.where(has_neg, chosen, eps_uncond)
         return base + scale * (eps_pos - base)
     d_pos = eps_pos - eps_uncond
     if mode == "cfg" or num_neg == 0:
@@ -71,3 +81,23 @@ def combine(
         d_neg = perpendicular(d_neg, d_pos)
     w_neg = neg_weights.float().reshape(batch, num_neg, *([1] * (d_pos.dim() - 1)))
     return eps_uncond + scale * (d_pos - (w_neg * d_neg).sum(1))
+
+
+def guided_eps(denoiser, x_t: Tensor, t: Tensor, text_emb: Tensor, neg_weights: Tensor | None, scale: float,
+               mode: str = "perpneg") -> Tensor:
+    """Every prompt of a step in one batched denoiser call, split into blocks and combined.
+
+    x_t [B,...] noisy latents, t [B] timesteps, text_emb [(2+K)*B, ...] in the block layout
+    [uncond | pos | neg_1 .. neg_K] (each block the B samples in order), neg_weights [B,K].
+    Used by score distillation (sds.py) and the 2D sampler (ddim_sampler.py) alike. Returns the
+    combined eps [B,...] in float32.
+    """
+    batch = x_t.shape[0]
+    num_blocks = text_emb.shape[0] // batch
+    if num_blocks < 2 or num_blocks * batch != text_emb.shape[0]:
+        raise ValueError(f"text_emb has {text_emb.shape[0]} rows for {batch} samples: need (2+K)*B")
+    reps = (num_blocks,) + (1,) * (x_t.dim() - 1)
+    eps_all = denoiser.eps(x_t.repeat(reps), t.repeat(num_blocks), text_emb)
+    eps_all = eps_all.float().reshape(num_blocks, batch, *x_t.shape[1:])
+    eps_neg = eps_all[2:].transpose(0, 1) if num_blocks > 2 else None
+    return combine(eps_all[0], eps_all[1], eps_neg, neg_weights if num_blocks > 2 else None, scale, mode)

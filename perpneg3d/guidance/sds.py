@@ -12,7 +12,7 @@ from torch import Tensor
 
 from perpneg3d.errors import require
 from perpneg3d.guidance.denoiser import add_noise
-from perpneg3d.guidance.perpneg import MODES, combine
+from perpneg3d.guidance.perpneg import MODES, guided_eps
 from perpneg3d.schedules import ramp
 from perpneg3d.validation import PositiveFloat, RampValue, validated
 
@@ -69,7 +69,7 @@ class ScoreDistillation:
         """rgb [B,H,W,3] in [0,1] (differentiable); prompts: a PromptBatch of (2+K)*B embeddings."""
         den = self.denoiser
         latents = den.encode(rgb.permute(0, 3, 1, 2))
-        batch, num_blocks = latents.shape[0], 2 + prompts.num_neg
+        batch = latents.shape[0]
         lo, hi = self.timestep_range(step)
         # drawn on the generator's device (the training device in train.py): no CPU draw, no copy
         gen_device = generator.device
@@ -77,20 +77,17 @@ class ScoreDistillation:
         noise = torch.randn(latents.shape, generator=generator, device=gen_device).to(latents.device)
         with torch.no_grad():
             x_t = add_noise(den, latents.detach(), noise, t)
-            reps = (num_blocks,) + (1,) * (latents.dim() - 1)
-            eps_all = den.eps(x_t.repeat(reps), t.repeat(num_blocks), prompts.text_emb)
-            eps_all = eps_all.float().reshape(num_blocks, batch, *latents.shape[1:])
-            eps_neg = eps_all[2:].transpose(0, 1) if prompts.num_neg else None
             neg_w = prompts.neg_weights.to(latents.device) if prompts.num_neg else None
-            eps_hat = combine(eps_all[0], eps_all[1], eps_neg, neg_w, self.guidance_scale, self.mode)
+            eps_hat = guided_eps(den, x_t, t, prompts.text_emb, neg_w, self.guidance_scale, self.mode)
             w = 1 - den.alphas_cumprod.to(latents.device)[t] if self.weighting == "sds" else torch.ones(batch, device=latents.device)
             grad = w.float().view(-1, *([1] * (latents.dim() - 1))) * (eps_hat - noise)
             # non-finite entries are zeroed and the rest of the batch still trains (threestudio does
             # the same); the trainer skips the step only above trainer.nonfinite_skip_share
             nonfinite = (~torch.isfinite(grad)).sum()
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            if self.grad_clip is not None:
-                grad = grad.clamp(-self.grad_clip, self.grad_clip)
+            if self.grad_clip is not None:  # a number or a ramp over training steps
+                clip = ramp(self.grad_clip, step)
+                grad = grad.clamp(-clip, clip)
         target = (latents - grad).detach()
         loss = 0.5 * ((latents - target) ** 2).sum() / batch
         return SDSOutput(loss, grad.flatten(1).norm(dim=1).mean(), nonfinite, nonfinite.float() / grad.numel(), t)

@@ -43,6 +43,9 @@ def _missing_model_message(name: str, reason: str) -> str:
     )
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 class StableDiffusion:
     """Frozen Stable Diffusion: CLIP text encoder, VAE and UNet from diffusers.
 
@@ -107,6 +110,11 @@ class StableDiffusion:
             torch.backends.cudnn.benchmark = True
         self._unet_call = torch.compile(self.unet) if compile else self.unet
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        self.prediction_type = str(scheduler.config.prediction_type)
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ModelNotFoundError(
+                f"Stable Diffusion '{self.name}' predicts {self.prediction_type!r} (scheduler prediction_type); "
+                f"perpneg3d reads {' and '.join(PREDICTION_TYPES)} models: use SD 2.1-base, 2.1 (768) or 1.5")
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -149,9 +157,18 @@ class StableDiffusion:
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def eps(self, latents_t: Tensor, t: Tensor, text_emb: Tensor) -> Tensor:
-        """One batched UNet call: eps [N,4,h,w] (float32)."""
+        """One batched UNet call: eps [N,4,h,w] (float32), whatever the model predicts.
+
+        A v-prediction model (SD 2.0 / 2.1 at 768 px) outputs v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0;
+        with x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps that gives
+        eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (Salimans & Ho 2022, as in diffusers' DDIM step).
+        """
         x = latents_t.to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = self._unet_call(x, t.to(self.device), encoder_hidden_states=text_emb.to(self.dtype), return_dict=False)[0]
-        return out.float()
+        out = out.float()
+        if self.prediction_type == "v_prediction":
+            abar = self.alphas_cumprod[t.to(self.device)].view(-1, *([1] * (out.dim() - 1)))
+            out = abar.sqrt() * out + (1 - abar).sqrt() * latents_t.float()
+        return out

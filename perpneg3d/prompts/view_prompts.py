@@ -10,7 +10,7 @@ from torch import Tensor
 
 from perpneg3d.errors import ConfigError
 from perpneg3d.prompts.view_weights import NEGATIVE_VIEWS, ExponentialSchedule
-from perpneg3d.prompts.views import VIEWS, view_labels, view_prompt
+from perpneg3d.prompts.views import OVERHEAD, VIEWS, view_labels, view_prompt
 from perpneg3d.validation import Elevation, validated
 
 
@@ -69,7 +69,7 @@ class ViewPrompts:
         if unknown:
             raise ConfigError(f"view_prompts has unknown views {sorted(unknown)}: use {', '.join(VIEWS)}")
         self.view_texts = {v: overrides.get(v, view_prompt(self.prompt, v, template)) for v in VIEWS}
-        self.schedule = schedule if schedule is not None else ExponentialSchedule(overhead_min_deg=overhead_min_deg)
+        self.schedule = schedule if schedule is not None else ExponentialSchedule()
         self.thresholds = dict(front_max_deg=front_max_deg, back_min_deg=back_min_deg, overhead_min_deg=overhead_min_deg)
 
     def texts(self) -> list[str]:
@@ -85,7 +85,7 @@ class ViewPrompts:
             blocks = [uncond.expand(batch, *uncond.shape[1:]), views[labels.to(views.device)]]
             weights = torch.zeros(batch, 0, device=azimuth_deg.device)
             return PromptBatch(torch.cat(blocks), weights, labels)
-        mix = self.schedule(azimuth_deg, elevation_deg)
+        mix = self.schedule(azimuth_deg, labels == OVERHEAD)  # the labels' threshold decides the weights too
         pos_mix = mix.pos_mix.to(device=views.device, dtype=torch.float32)
         pos = torch.einsum("bv,v...->b...", pos_mix, views.float()).to(views.dtype)
         negs = [views[VIEWS.index(v)].expand(batch, *views.shape[1:]) for v in NEGATIVE_VIEWS]

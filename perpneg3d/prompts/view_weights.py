@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from perpneg3d.prompts.views import BACK, FRONT, OVERHEAD, SIDE, wrap_azimuth
-from perpneg3d.validation import Elevation, NonNegativeFloat, WeightCurve, validated
+from perpneg3d.validation import NonNegativeFloat, WeightCurve, validated
 
 NEGATIVE_VIEWS = ("front", "side")
 
@@ -44,16 +44,19 @@ def _positive_mix(abs_az: Tensor, overhead: Tensor) -> tuple[Tensor, Tensor]:
 
 class ViewSchedule:
     """Shared frame of the schedules: r and the positive mix from the azimuth, no negatives overhead.
-    Subclasses define negative_weights(r, near) -> (w_front, w_side), near = |azimuth| < 90."""
+    Subclasses define negative_weights(r, near) -> (w_front, w_side), near = |azimuth| < 90.
 
-    overhead_min_deg: float = 60.0
+    Which cameras are overhead is the caller's view labels (ViewPrompts, prompts.overhead_min_deg):
+    one threshold decides both the label and the weights."""
 
     def negative_weights(self, r: Tensor, near: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def __call__(self, azimuth_deg: Tensor, elevation_deg: Tensor) -> ViewMix:
+    def __call__(self, azimuth_deg: Tensor, overhead: Tensor | None = None) -> ViewMix:
+        """azimuth_deg [B]; overhead [B] bool (None: no camera is overhead)."""
         abs_az = wrap_azimuth(azimuth_deg.float()).abs()
-        overhead = elevation_deg > self.overhead_min_deg
+        if overhead is None:
+            overhead = torch.zeros_like(abs_az, dtype=torch.bool)
         mix, r = _positive_mix(abs_az, overhead)
         weights = torch.stack(self.negative_weights(r, abs_az < 90.0), dim=-1)
         return ViewMix(mix, torch.where(overhead.unsqueeze(-1), torch.zeros_like(weights), weights))
@@ -73,11 +76,9 @@ class ExponentialSchedule(ViewSchedule):
         side_front: WeightCurve = (4.0, 0.5, -2.426),
         side_back: WeightCurve = (1.0, 0.5, -0.606),
         front_side_back: WeightCurve = (1.0, 0.5, 0.967),
-        overhead_min_deg: Elevation = 60.0,
     ):
         self.f_fs, self.f_sf = tuple(front_side), tuple(side_front)
         self.f_sb, self.f_fsb = tuple(side_back), tuple(front_side_back)
-        self.overhead_min_deg = overhead_min_deg
 
     def negative_weights(self, r: Tensor, near: Tensor) -> tuple[Tensor, Tensor]:
         w_front = torch.where(near, shifted_exp(self.f_fs, r), shifted_exp(self.f_fsb, r))
@@ -90,7 +91,7 @@ class StableDreamfusionSchedule(ViewSchedule):
 
     |a| < 90:  front weight 0 if r > 0.8 else weight * exp(-front_decay r);
                side weight 0 if r < 0.2 else weight * exp(-side_decay (1 - r)).
-    |a| >= 90: front weight = weight; side weight 0 if r > 0.8 else weight/2 * exp(-front_decay r).
+    |a| >= 90: front weight = weight; side weight 0 if r > 0.8 else weight/2 * exp(-side_decay r).
     """
 
     @validated("prompts.schedule")
@@ -99,17 +100,15 @@ class StableDreamfusionSchedule(ViewSchedule):
         front_decay: NonNegativeFloat = 2.0,
         side_decay: NonNegativeFloat = 10.0,
         weight: NonNegativeFloat = 2.0,
-        overhead_min_deg: Elevation = 60.0,
     ):
         self.front_decay, self.side_decay, self.weight = front_decay, side_decay, weight
-        self.overhead_min_deg = overhead_min_deg
 
     def negative_weights(self, r: Tensor, near: Tensor) -> tuple[Tensor, Tensor]:
         zero = torch.zeros_like(r)
         front_decayed = self.weight * torch.exp(-self.front_decay * r)
         w_front_near = torch.where(r > 0.8, zero, front_decayed)
         w_side_near = torch.where(r < 0.2, zero, self.weight * torch.exp(-self.side_decay * (1.0 - r)))
-        w_side_far = torch.where(r > 0.8, zero, 0.5 * front_decayed)
+        w_side_far = torch.where(r > 0.8, zero, 0.5 * self.weight * torch.exp(-self.side_decay * r))
         w_front = torch.where(near, w_front_near, torch.full_like(r, self.weight))
         w_side = torch.where(near, w_side_near, w_side_far)
         return w_front, w_side

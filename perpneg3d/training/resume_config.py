@@ -24,7 +24,7 @@ SAFE_ON_RESUME = (
     "resume", "out_dir", "name",
     "trainer.max_steps", "trainer.val_every", "trainer.val_resolution", "trainer.ckpt_every",
     "trainer.keep_checkpoints", "trainer.log_every", "trainer.turntable_*", "trainer.progress",
-    "trainer.max_nonfinite_steps", "trainer.threads",
+    "trainer.max_nonfinite_steps", "threads",
     "evaluate_janus", "export", "export.*",
     "guidance.denoiser.device", "guidance.denoiser.local_files_only", "guidance.denoiser.enable_attention_slicing",
     "guidance.denoiser.channels_last", "guidance.denoiser.compile", "guidance.denoiser.cudnn_benchmark",

@@ -13,6 +13,7 @@ from perpneg3d.config import compose_config, instantiate
 from perpneg3d.errors import require
 from perpneg3d.prompts import validate_prompt
 from perpneg3d.run_dir import check_writable, new_run_dir
+from perpneg3d.threads import apply_threads
 from perpneg3d.training.checkpoint import latest_valid_checkpoint, resolve_resume
 from perpneg3d.training.preemption import Preempted
 from perpneg3d.training.resume_config import requeued_config, resumed_config
@@ -85,6 +86,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     validate_prompt(cfg.prompt)
     require(isinstance(cfg.seed, int), f"seed={cfg.seed!r} must be an integer")
     cfg, run_dir, state = prepare_run_dir(cfg, overrides if overrides is not None else command_line_overrides())
+    apply_threads(cfg.get("threads", "auto"))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     trainer = instantiate(cfg.trainer)
