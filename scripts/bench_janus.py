@@ -57,7 +57,7 @@ def main(cfg) -> None:
             run_cfg, geometry, renderer, cameras, _, _ = load_run(run_dir)
             res = run_cfg.guidance.denoiser.get("dataset", {}).get("resolution", 64)
             montage.append(render_rgb(geometry, renderer, MONTAGE_AZIMUTHS, torch.full_like(MONTAGE_AZIMUTHS, 15.0),
-                                      sum(cameras.distance_range) / 2, sum(cameras.fovy_range) / 2, res))
+                                      *cameras.middle(), res))
     text = table(rows, methods)
     print(text)
     (out / "results.md").write_text(text + "\n")

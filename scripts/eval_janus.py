@@ -1,4 +1,4 @@
-"""Janus metrics of a trained run: renders at 36 azimuths, classified (DESIGN.md "Metrics").
+"""Janus metrics of a trained run: renders at 36 azimuths, classified (docs/method.md, "Metrics").
 
     python scripts/eval_janus.py run=outputs/toy/2026-11-24_08-00-00
 """

@@ -145,7 +145,7 @@ def sds_step(args) -> dict:
 
     sd = make_denoiser(args)
     rgb = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0)).to(args.device).requires_grad_(True)
-    prompts = ViewPrompts("a corgi standing")(sd, torch.tensor([150.0], device=args.device),
+    prompts = ViewPrompts("a corgi standing").bind(sd)(torch.tensor([150.0], device=args.device),
                                               torch.tensor([15.0], device=args.device))
     out = ScoreDistillation(sd)(rgb, prompts, 0, torch.Generator(device=args.device).manual_seed(0))
     out.loss.backward()
@@ -175,19 +175,14 @@ def sync_count(args) -> dict:
         return dict(skipped="no CUDA device: host<->device synchronisations exist only on CUDA")
     setup = build_setup(bench_overrides(args), make_denoiser(args))
     measure(setup, steps=2, warmup=1)  # lazy initialisation, occupancy grid, caches
-    from perpneg3d.random_streams import RandomStreams
-    from perpneg3d.training.trainer import new_counters
-
-    optimizer = setup.trainer.make_optimizer(setup.geometry, setup.renderer)
-    rng, counters = RandomStreams.seeded(1, setup.device), new_counters(setup.device)
+    run = setup.trainer.start(setup.geometry, setup.renderer, setup.guidance, setup.prompts, setup.cameras, seed=1)
     step = 5  # not an occupancy-grid update step
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            setup.trainer.train_step(step, setup.geometry, setup.renderer, setup.guidance, setup.prompts, setup.cameras,
-                                     optimizer, rng, counters)
+            setup.trainer.train_step(step, run)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]

@@ -80,7 +80,7 @@ def test_view_prompt_blocks_hold_the_right_embeddings():
             return torch.tensor([[code(t)] for t in texts])
 
     prompts = ViewPrompts("a corgi", negative_prompt="blurry")
-    batch = prompts(Embedder(), torch.tensor([0.0, 90.0, 180.0]), torch.zeros(3))
+    batch = prompts.bind(Embedder())(torch.tensor([0.0, 90.0, 180.0]), torch.zeros(3))
     text = {v: code(f"a corgi, {v} view") for v in VIEWS}
     assert len({text["front"], text["side"], text["back"], code("blurry")}) == 4
     blocks = batch.text_emb.reshape(4, 3)

@@ -45,7 +45,7 @@ def test_fp16_stable_diffusion_sds_on_cuda(tiny_sd_path):
     sd = StableDiffusion(str(tiny_sd_path), device="cuda")
     assert sd.dtype == torch.float16 and next(sd.unet.parameters()).dtype == torch.float16
     rgb = torch.rand(2, 32, 32, 3, device="cuda", requires_grad=True)
-    prompts = ViewPrompts("a corgi")(sd, torch.tensor([0.0, 150.0]), torch.tensor([10.0, 10.0]))
+    prompts = ViewPrompts("a corgi").bind(sd)(torch.tensor([0.0, 150.0]), torch.tensor([10.0, 10.0]))
     out = ScoreDistillation(sd)(rgb, prompts, 0, torch.Generator().manual_seed(0))
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.nonfinite == 0 and rgb.grad.abs().sum() > 0

@@ -10,7 +10,8 @@ from perpneg3d.renderer import DiffuseMaterial, SolidBackground, VolumeRenderer,
 
 def make(skip_empty=True, samples=24):
     torch.manual_seed(0)
-    geometry = ImplicitVolume(radius=1.0, n_levels=4, log2_hashmap_size=10, finest_resolution=32, implementation="torch")
+    geometry = ImplicitVolume(radius=1.0, n_levels=4, log2_hashmap_size=10, finest_resolution=32, implementation="torch",
+                              density_shift=-1.0)  # the tests below were sized for this field
     renderer = VolumeRenderer(SolidBackground((1.0, 1.0, 1.0)), DiffuseMaterial(ambient_only_steps=0), radius=1.0,
                               num_samples_per_ray=samples, estimator="stratified", skip_empty=skip_empty)
     return geometry, renderer

@@ -50,7 +50,7 @@ def test_gradient_reaches_the_field_and_not_the_denoiser(tiny_sd_path, tmp_path)
     renderer.update(0, geometry)
     cams = cameras.sample(0, rng.device)
     out = renderer(geometry, cams, rng=rng)
-    batch = prompts(guidance.denoiser, cams.azimuth_deg, cams.elevation_deg)
+    batch = prompts.bind(guidance.denoiser)(cams.azimuth_deg, cams.elevation_deg)
     assert batch.text_emb.shape[0] == 4 * 2  # [uncond | pos | neg_front | neg_side] x B in one UNet call
     sds = guidance(out.rgb, batch, 0, rng.device)
     sds.loss.backward()

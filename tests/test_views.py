@@ -1,4 +1,4 @@
-"""View labels and the Perp-Neg view schedules of DESIGN.md."""
+"""View labels and the Perp-Neg view schedules (docs/method.md, docs/conventions.md)."""
 import pytest
 import torch
 
@@ -63,7 +63,7 @@ def test_one_overhead_threshold_moves_labels_and_weights(threshold):
             return ToyTextEncoder()(texts)
 
     prompts = ViewPrompts("a toy dog", overhead_min_deg=threshold)
-    batch = prompts(Embedder(), t(90.0), t(45.0))
+    batch = prompts.bind(Embedder())(t(90.0), t(45.0))
     overhead = threshold < 45
     assert batch.labels.tolist() == [OVERHEAD if overhead else SIDE]
     assert (batch.neg_weights.abs().sum() == 0) == overhead

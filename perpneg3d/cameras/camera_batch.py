@@ -1,4 +1,4 @@
-"""Cameras of DESIGN.md's convention: z up, front faces +x, azimuth 0 looks at the front."""
+"""Cameras in the project's convention (docs/conventions.md): z up, front faces +x, azimuth 0 looks at the front."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def wrap_azimuth(azimuth_deg: Tensor) -> Tensor:
+    """Wrap azimuths in degrees to (-180, 180] (docs/conventions.md): the one copy in perpneg3d."""
+    return 180.0 - torch.remainder(180.0 - azimuth_deg, 360.0)
 
 
 def spherical_position(azimuth_deg: Tensor, elevation_deg: Tensor, distance: Tensor) -> Tensor:

@@ -1,12 +1,13 @@
 """The training camera distribution (threestudio's random-camera defaults for DreamFusion)."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from perpneg3d.cameras.camera_batch import CameraBatch, look_at, spherical_position
+from perpneg3d.cameras.camera_batch import CameraBatch, look_at, spherical_position, wrap_azimuth
 from perpneg3d.errors import require
 from perpneg3d.validation import (
     AzimuthRange,
@@ -16,6 +17,7 @@ from perpneg3d.validation import (
     NonNegativeFloat,
     PositiveInt,
     PositiveRange,
+    Probability,
     validated,
 )
 
@@ -50,6 +52,7 @@ class RandomCameras:
         up_perturb: NonNegativeFloat = 0.02,
         light_distance_range: PositiveRange = (0.8, 1.5),
         light_position_perturb: NonNegativeFloat = 1.0,
+        elevation_sphere_prob: Probability = 0.5,
     ):
         heights, widths = list(heights), list(widths or heights)
         require(len(heights) == len(widths) == len(resolution_milestones) + 1,
@@ -61,10 +64,31 @@ class RandomCameras:
         self.stratified_azimuth = stratified_azimuth
         self.camera_perturb, self.center_perturb, self.up_perturb = camera_perturb, center_perturb, up_perturb
         self.light_distance_range, self.light_position_perturb = tuple(light_distance_range), light_position_perturb
+        self.elevation_sphere_prob = elevation_sphere_prob
+
+    def middle(self) -> tuple[float, float]:
+        """(distance, fovy_deg) at the middle of the distribution: where a result is meant to be seen
+        from (validation grids, turntables, CLIP's Janus renders, benchmark montages)."""
+        return sum(self.distance_range) / 2, sum(self.fovy_range) / 2
 
     def resolution(self, step: int) -> tuple[int, int]:
         idx = sum(step >= m for m in self.milestones)
         return int(self.heights[idx]), int(self.widths[idx])
+
+    def sample_elevation(self, b: int, g: torch.Generator) -> torch.Tensor:
+        """[b] elevations in degrees: uniform in angle, or (with probability elevation_sphere_prob per
+        camera) uniform on the sphere's band, i.e. sin(elevation) uniform, as threestudio mixes them
+        50/50 (it draws the choice once per batch; the marginal per camera is the same). The second
+        draw is made only when the probability is above 0, so runs with 0 keep their random stream."""
+        lo, hi = self.elevation_range
+        u = torch.rand(b, generator=g, device=g.device)
+        angle = lo + (hi - lo) * u
+        if self.elevation_sphere_prob <= 0:
+            return angle
+        s_lo, s_hi = math.sin(math.radians(lo)), math.sin(math.radians(hi))
+        sphere = torch.rad2deg(torch.asin((s_lo + (s_hi - s_lo) * u).clamp(-1, 1)))
+        pick = torch.rand(b, generator=g, device=g.device) < self.elevation_sphere_prob
+        return torch.where(pick, sphere, angle)
 
     def sample(self, step: int, generator: torch.Generator) -> CameraBatch:
         """Cameras for training step `step`, drawn from `generator` on its own device (the training
@@ -75,7 +99,7 @@ class RandomCameras:
             azimuth = lo + (hi - lo) * (torch.rand(1, generator=g, device=dev) + torch.arange(b, device=dev)) / b
         else:
             azimuth = _uniform(lo, hi, b, g)
-        elevation = _uniform(*self.elevation_range, b, g)
+        elevation = self.sample_elevation(b, g)
         distance = _uniform(*self.distance_range, b, g)
         fovy = _uniform(*self.fovy_range, b, g)
         eye = spherical_position(azimuth, elevation, distance)
@@ -86,6 +110,6 @@ class RandomCameras:
         light = light_dir * _uniform(*self.light_distance_range, b, g).unsqueeze(-1)
         height, width = self.resolution(step)
         return CameraBatch(
-            c2w=look_at(eye, center, F.normalize(up, dim=-1)), fovy_deg=fovy, azimuth_deg=azimuth - 360.0 * (azimuth > 180),
+            c2w=look_at(eye, center, F.normalize(up, dim=-1)), fovy_deg=fovy, azimuth_deg=wrap_azimuth(azimuth),
             elevation_deg=elevation, distance=distance, light_position=light, height=height, width=width,
         )

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from perpneg3d.contracts import HasViewClassifier, device_of
 from perpneg3d.errors import ModelNotFoundError
 from perpneg3d.prompts.views import view_labels
 
@@ -14,6 +15,9 @@ from perpneg3d.prompts.views import view_labels
 def projected(features):
     """CLIP's projected embeddings: a tensor (transformers 4) or the output's pooler_output (5)."""
     return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
 
 class ClipViewClassifier:
@@ -26,7 +30,7 @@ class ClipViewClassifier:
     NOMINAL_AZIMUTH = {"front": 0.0, "side": 90.0, "back": 180.0}
     DISTRACTORS = ("a blank white image", "a blurry blob", "random noise")
 
-    def __init__(self, prompt: str, model_name_or_path: str = "openai/clip-vit-base-patch32", device: str = "cpu",
+    def __init__(self, prompt: str, model_name_or_path: str = DEFAULT_CLIP, device: str = "cpu",
                  views: Sequence[str] = ("front", "side", "back")):
         from transformers import CLIPModel, CLIPProcessor
 
@@ -63,9 +67,10 @@ class ClipViewClassifier:
         return ViewPrediction(obj, az, view_labels(az, torch.zeros_like(az)), probs.max(-1).values)
 
 
-def classifier_for(denoiser, prompt: str, clip_model: str = "openai/clip-vit-base-patch32"):
-    """The denoiser's own view classifier when it has one (toy world), else CLIP zero-shot."""
-    if hasattr(denoiser, "view_classifier"):
+def classifier_for(denoiser, prompt: str, clip_model: str = DEFAULT_CLIP):
+    """The one choice of view classifier: the prior's own when it has one (HasViewClassifier: the
+    toy world), else CLIP zero-shot (on the denoiser's device; None: no denoiser at hand, CPU)."""
+    if isinstance(denoiser, HasViewClassifier):
         return denoiser.view_classifier()
-    return ClipViewClassifier(prompt, clip_model, device=str(getattr(denoiser, "device", "cpu")))
+    return ClipViewClassifier(prompt, clip_model, device=str(device_of(denoiser)))
 

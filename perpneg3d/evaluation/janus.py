@@ -1,4 +1,4 @@
-"""3D Janus metrics (DESIGN.md "Metrics"): classify renders at 36 azimuths at a fixed elevation.
+"""3D Janus metrics (docs/method.md, "Metrics"): classify renders at 36 azimuths at a fixed elevation.
 
 front_share: share of views classified front (0.25 for a correct object, 1.0 for a face everywhere);
 view_acc: share whose label matches the camera's; view_acc_aligned: the same after the best global
@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from perpneg3d.contracts import HasReferenceCamera
 from perpneg3d.images import make_grid, save_png
-from perpneg3d.prompts.views import FRONT, view_labels
+from perpneg3d.prompts.views import FRONT, view_labels, wrap_azimuth
 from perpneg3d.renderer.orbit import render_rgb
 
 JANUS_FRONT_MAX, JANUS_ALIGNED_MIN = 0.5, 0.8
@@ -21,8 +22,10 @@ JANUS_FRONT_MAX, JANUS_ALIGNED_MIN = 0.5, 0.8
 def classifier_camera(classifier, cameras) -> dict:
     """How to render views for `classifier`: the toy classifier's own reference camera, else the middle
     of the training camera distribution at CLIP's input size."""
-    return getattr(classifier, "camera", None) or dict(
-        distance=sum(cameras.distance_range) / 2, fovy_deg=sum(cameras.fovy_range) / 2, resolution=224)
+    if isinstance(classifier, HasReferenceCamera):
+        return dict(classifier.camera)
+    distance, fovy = cameras.middle()
+    return dict(distance=distance, fovy_deg=fovy, resolution=224)
 
 
 def janus_scores(pred_view: torch.Tensor, pred_ok: torch.Tensor, azimuth_deg: torch.Tensor) -> dict:
@@ -49,7 +52,7 @@ def janus_metrics(geometry, renderer, classifier, prompt: str, distance: float, 
     """Render, classify and score; optionally save a strip with a green (right view), red (wrong view)
     or grey (object not recognised) border under each view."""
     az = torch.arange(n_azimuths, dtype=torch.float32) * (360.0 / n_azimuths)
-    az = 180.0 - torch.remainder(180.0 - az, 360.0)
+    az = wrap_azimuth(az)
     rgb = render_rgb(geometry, renderer, az, torch.full_like(az, elevation), distance, fovy_deg, resolution)
     pred = classifier(rgb)
     ok = pred.object_idx == classifier.object_index(prompt)

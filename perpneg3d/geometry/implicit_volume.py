@@ -24,9 +24,10 @@ def mlp(n_in: int, n_out: int, width: int, hidden_layers: int) -> nn.Sequential:
 class ImplicitVolume(nn.Module):
     """Density and albedo over the box [-radius, radius]^3 (world units).
 
-    density = softplus(raw - 1 + blob(x)), blob(x) = blob_scale * (1 - |x| / blob_std)
+    density = softplus(raw + density_shift + blob(x)), blob(x) = blob_scale * (1 - |x| / blob_std)
     (Magic3D's initialisation: a soft ball at the origin); albedo = sigmoid(mlp).
-    Normals point along -grad(density): finite differences (default; works with tcnn) or autograd.
+    Normals point along -grad(density): autograd ("analytic", the config default as in threestudio) or
+    finite differences.
     Coarse-to-fine: the first `start_level` levels are active, one more every `update_steps` after
     `start_step` (start_level = n_levels turns it off).
     """
@@ -45,6 +46,7 @@ class ImplicitVolume(nn.Module):
         mlp_hidden_layers: NonNegativeInt = 1,
         blob_scale: NonNegativeFloat = 10.0,
         blob_std: PositiveFloat = 0.5,
+        density_shift: float = 0.0,
         normal_type: str = "finite_difference",
         finite_difference_eps: PositiveFloat = 0.01,
         start_level: PositiveInt = 16,
@@ -54,7 +56,7 @@ class ImplicitVolume(nn.Module):
         super().__init__()
         require(radius > 0, f"geometry.radius={radius} must be positive")
         require(normal_type in ("finite_difference", "analytic"), f"geometry.normal_type={normal_type!r}: use finite_difference or analytic")
-        self.radius, self.blob_scale, self.blob_std = radius, blob_scale, blob_std
+        self.radius, self.blob_scale, self.blob_std, self.density_shift = radius, blob_scale, blob_std, density_shift
         self.normal_type, self.fd_eps = normal_type, finite_difference_eps
         self.start_level, self.start_step, self.update_steps = min(start_level, n_levels), start_step, max(1, update_steps)
         self.encoding = HashGridEncoding(n_levels, n_features_per_level, log2_hashmap_size, base_resolution,
@@ -74,7 +76,7 @@ class ImplicitVolume(nn.Module):
 
     def _density_from(self, feats: Tensor, points: Tensor) -> Tensor:
         blob = self.blob_scale * (1 - points.norm(dim=-1) / self.blob_std)
-        return F.softplus(self.density_mlp(feats).squeeze(-1) - 1.0 + blob)
+        return F.softplus(self.density_mlp(feats).squeeze(-1) + self.density_shift + blob)
 
     def density(self, points: Tensor) -> Tensor:
         """[N,3] world -> [N] volume density."""

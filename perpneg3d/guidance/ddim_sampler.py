@@ -1,10 +1,11 @@
-"""2D text-to-image sampling with DDIM (diffusers) and any guidance mode (PAPER.md Algorithm 1)."""
+"""2D text-to-image sampling with DDIM (diffusers) and any guidance mode (arXiv 2304.04968, Algorithm 1)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from perpneg3d.contracts import HasImageSize, HasSchedulerConfig, device_of
 from perpneg3d.guidance.perpneg import guided_eps
 
 
@@ -14,9 +15,8 @@ def make_ddim_scheduler(denoiser):
     so the scheduler always reads epsilon."""
     from diffusers import DDIMScheduler
 
-    config = getattr(denoiser, "scheduler_config", None)
-    if config:
-        return DDIMScheduler.from_config(config, prediction_type="epsilon")
+    if isinstance(denoiser, HasSchedulerConfig) and denoiser.scheduler_config:
+        return DDIMScheduler.from_config(denoiser.scheduler_config, prediction_type="epsilon")
     abar = denoiser.alphas_cumprod.double().cpu()
     betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
     return DDIMScheduler(
@@ -48,10 +48,10 @@ def sample(
     with `combine(mode)` and takes a DDIM step. Initial noise comes from `generator` exactly as in
     diffusers' StableDiffusionPipeline, so mode "cfg" reproduces it.
     """
-    device = denoiser.device
+    device = device_of(denoiser)
     scheduler = make_ddim_scheduler(denoiser)
     scheduler.set_timesteps(steps, device=device)
-    size = getattr(denoiser, "image_size", 512)
+    size = denoiser.image_size if isinstance(denoiser, HasImageSize) else 512
     shape = (num_samples, *denoiser.latent_shape(height or size, width or size))
     gen_device = generator.device if generator is not None else device
     latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)

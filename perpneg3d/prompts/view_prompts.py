@@ -16,7 +16,7 @@ from perpneg3d.validation import Elevation, validated
 
 @dataclass
 class PromptBatch:
-    """Text embeddings for one guidance step in DESIGN.md's layout.
+    """Text embeddings for one guidance step in the block layout of docs/conventions.md.
 
     text_emb: [(2+K)*B, ...] blocks [uncond | pos | neg_1 | ... | neg_K], each the B cameras in order.
     neg_weights: [B,K] weights of the negatives (K = 0 for plain view-dependent prompting).
@@ -43,7 +43,7 @@ class ViewPrompts:
     """View-dependent prompts: '<prompt>, <view> view' by azimuth, with Perp-Neg negatives.
 
     perp_neg=True: the positive embedding interpolates neighbouring views and the negatives are the
-    front and side embeddings weighted by `schedule` (PAPER.md section 4). perp_neg=False: plain
+    front and side embeddings weighted by `schedule` (arXiv 2304.04968 section 4; docs/method.md). perp_neg=False: plain
     DreamFusion view prompts, K = 0 (Perp-Neg then reduces to classifier-free guidance).
     view_prompts overrides the text of single views, e.g. {"back": "a corgi seen from behind"}.
     """
@@ -76,8 +76,16 @@ class ViewPrompts:
         """All texts this object embeds: the negative prompt (unconditional) and the four views."""
         return [self.negative_prompt] + [self.view_texts[v] for v in VIEWS]
 
-    def __call__(self, denoiser, azimuth_deg: Tensor, elevation_deg: Tensor) -> PromptBatch:
-        emb = denoiser.embed(self.texts())
+    def bind(self, denoiser) -> "ViewPrompts":
+        """Embed this run's texts with `denoiser`, once (a bad prompt fails here, before step 0)."""
+        self._emb = denoiser.embed(self.texts())
+        return self
+
+    def __call__(self, azimuth_deg: Tensor, elevation_deg: Tensor) -> PromptBatch:
+        """The step's embeddings for cameras at azimuth/elevation [B] (degrees); bind() first."""
+        emb = getattr(self, "_emb", None)
+        if emb is None:
+            raise RuntimeError("ViewPrompts.bind(denoiser) must be called before the prompts are used")
         uncond, views = emb[:1], emb[1:]
         batch = azimuth_deg.shape[0]
         labels = view_labels(azimuth_deg, elevation_deg, **self.thresholds)

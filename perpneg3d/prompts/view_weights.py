@@ -1,6 +1,6 @@
 """Perp-Neg view schedules: positive embedding mix and negative weights from the azimuth.
 
-PAPER.md section 4; DESIGN.md "Views". Every schedule maps azimuths/elevations [B] (degrees) to
+arXiv 2304.04968 section 4; docs/method.md, "View-dependent prompts and weights". Every schedule maps azimuths/elevations [B] (degrees) to
 ``pos_mix`` [B,4] (weights of the front, side, back, overhead embeddings in the positive) and
 ``neg_weights`` [B,2] (weights of the negatives, always the front and side embeddings in that
 order). Positive weights push away from a negative; overhead cameras get no negatives.
@@ -63,7 +63,7 @@ class ViewSchedule:
 
 
 class ExponentialSchedule(ViewSchedule):
-    """threestudio's shifted-exponential schedule (DESIGN.md default; signs flipped to push away).
+    """threestudio's shifted-exponential schedule (the default; signs flipped so positive weights push away).
 
     |a| < 90:  r = 1 - |a|/90, negatives (front, side) weighted (f_fs(r), f_sf(1 - r)).
     |a| >= 90: r = 2 - |a|/90, negatives (side, front) weighted (f_sb(r), f_fsb(r)).

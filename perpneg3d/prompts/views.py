@@ -1,19 +1,16 @@
-"""View labels from camera angles (DESIGN.md "Views"): front faces +x, azimuth 0 is the front."""
+"""View labels from camera angles (docs/conventions.md, "View labels"): front faces +x, azimuth 0 is the front."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from perpneg3d.cameras.camera_batch import wrap_azimuth  # noqa: F401  (re-exported: views are defined by it)
+
 VIEWS = ("front", "side", "back", "overhead")
 FRONT, SIDE, BACK, OVERHEAD = range(4)
 
-# The paper's 2D view strategy (PAPER.md section 3): negate the other two horizontal views.
+# The paper's 2D view strategy (arXiv 2304.04968 section 3): negate the other two horizontal views.
 VIEW_NEGATIVES = {"front": ("side", "back"), "side": ("front", "back"), "back": ("front", "side")}
-
-
-def wrap_azimuth(azimuth_deg: Tensor) -> Tensor:
-    """Wrap azimuths in degrees to (-180, 180]."""
-    return 180.0 - torch.remainder(180.0 - azimuth_deg, 360.0)
 
 
 def view_labels(

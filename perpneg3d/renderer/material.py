@@ -18,7 +18,7 @@ class DiffuseMaterial:
 
     @validated("renderer.material")
     def __init__(self, ambient_light_color: NonNegativeFloat = 0.1, diffuse_light_color: NonNegativeFloat = 0.9,
-                 ambient_only_steps: NonNegativeInt = 1000, albedo_ratio: Probability = 0.2,
+                 ambient_only_steps: NonNegativeInt = 1000, albedo_ratio: Probability = 0.25,
                  textureless_prob: Probability = 0.5, train_shadings: tuple = SHADINGS):
         require(all(s in SHADINGS for s in train_shadings), f"material.train_shadings={list(train_shadings)}: use {SHADINGS}")
         self.ambient, self.diffuse = ambient_light_color, diffuse_light_color

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from perpneg3d.cameras import CameraBatch
+from perpneg3d.contracts import RaySamples
 from perpneg3d.errors import ConfigError
 from perpneg3d.random_streams import RandomStreams
 from perpneg3d.renderer import nerfacc_cuda
@@ -94,6 +95,14 @@ class VolumeRenderer(nn.Module):
             return "nerfacc occupancy-grid marcher (CUDA)"
         return "stratified" + (" + occupancy grid" if self.estimator is not None else "")
 
+    def param_groups(self) -> dict[str, list]:
+        """Trainable parameters by name (renderer.<name> in trainer.learning_rates)."""
+        return {"background": list(self.background.parameters())}
+
+    def choose_shading(self, step: int, generator: torch.Generator) -> str:
+        """This step's shading, from the material (the trainer never reaches into it)."""
+        return self.material.choose_shading(step, generator)
+
     def update(self, step: int, geometry) -> None:
         """Refresh the occupancy grid every occ_update_every steps (uses the global torch RNG)."""
         if self.estimator is None:
@@ -102,13 +111,13 @@ class VolumeRenderer(nn.Module):
             step=step, occ_eval_fn=lambda x: geometry.density(x) * self.step_size,
             occ_thre=self.occ_threshold, n=self.occ_update_every)
 
-    def _stratified(self, geometry, origins: Tensor, dirs: Tensor, generator: torch.Generator | None):
+    def _stratified(self, geometry, origins: Tensor, dirs: Tensor, generator: torch.Generator | None) -> RaySamples:
         """Packed samples of the torch backend: n stratified intervals inside each ray's box segment."""
         near, far = ray_box_intersection(origins, dirs, self.radius)
         ray_ids = torch.nonzero(far > near).squeeze(-1)
         if ray_ids.numel() == 0:  # every ray misses the box
             empty = origins.new_zeros(0)
-            return ray_ids, empty, origins.new_zeros(0, 3), empty, origins.new_zeros(0, 3)
+            return RaySamples(ray_ids, empty, origins.new_zeros(0, 3), empty, origins.new_zeros(0, 3))
         n = self.num_samples
         edges = torch.linspace(0, 1, n + 1, device=origins.device)
         span = (far - near)[ray_ids].unsqueeze(-1)
@@ -134,9 +143,9 @@ class VolumeRenderer(nn.Module):
 
         weights = render_weight_from_density(t_starts, t_ends, density.reshape(t_starts.shape))[0]
         flat_ids = ray_ids.repeat_interleave(n)
-        return flat_ids, t_pos.reshape(-1), flat, weights.reshape(-1), albedo
+        return RaySamples(flat_ids, t_pos.reshape(-1), flat, weights.reshape(-1), albedo)
 
-    def _occgrid(self, geometry, origins: Tensor, dirs: Tensor):
+    def _occgrid(self, geometry, origins: Tensor, dirs: Tensor) -> RaySamples:
         """Packed samples of the CUDA backend: nerfacc's occupancy-grid marching."""
         from nerfacc import render_weight_from_density
 
@@ -152,16 +161,18 @@ class VolumeRenderer(nn.Module):
         points = origins[ray_ids] + dirs[ray_ids] * t_pos[:, None]
         density, albedo = geometry(points)
         weights = render_weight_from_density(t_starts, t_ends, density, ray_indices=ray_ids, n_rays=origins.shape[0])[0]
-        return ray_ids, t_pos, points, weights, albedo
+        return RaySamples(ray_ids, t_pos, points, weights, albedo)
 
     def _render_rays(self, geometry, origins, dirs, lights, shading, with_normals, rng: RandomStreams | None) -> dict:
         from nerfacc import accumulate_along_rays
 
         n_rays = origins.shape[0]
         if self.use_marcher:
-            ray_ids, t_pos, points, weights, albedo = self._occgrid(geometry, origins, dirs)
+            samples = self._occgrid(geometry, origins, dirs)
         else:
-            ray_ids, t_pos, points, weights, albedo = self._stratified(geometry, origins, dirs, rng and rng.device)
+            samples = self._stratified(geometry, origins, dirs, rng and rng.device)
+        ray_ids, t_pos, points, weights, albedo = (samples.ray_ids, samples.t_pos, samples.points, samples.weights,
+                                                   samples.albedo)
         need_normals = with_normals or self.material.needs_normals(shading)
         normals = None
         if need_normals:

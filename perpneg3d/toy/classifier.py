@@ -4,25 +4,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from perpneg3d.cameras import orbit_cameras
+from perpneg3d.contracts import ViewPrediction  # noqa: F401  (re-exported: what classify() returns)
 from perpneg3d.errors import ConfigError
 from perpneg3d.prompts.views import view_labels
 from perpneg3d.toy.dataset import default_cache_dir, load_cached, save_cached
 from perpneg3d.toy.objects import check_objects, render_objects
 from perpneg3d.toy.text import object_of
-
-
-class ViewPrediction(NamedTuple):
-    object_idx: Tensor  # [B] index into objects, -1 when nothing matches well enough
-    azimuth_deg: Tensor  # [B] azimuth of the best reference
-    view_idx: Tensor  # [B] index into VIEWS (front, side, back) of that azimuth
-    similarity: Tensor  # [B] cosine similarity of the best reference
 
 
 def normalised_features(rgb: Tensor, size: int) -> Tensor:

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from perpneg3d.config import compose_config, instantiate
+from perpneg3d.contracts import HasViewClassifier, device_of
 from perpneg3d.errors import require
 from perpneg3d.prompts import validate_prompt
 from perpneg3d.run_dir import check_writable, new_run_dir
@@ -66,7 +67,7 @@ def prepare_run_dir(cfg: DictConfig, overrides: list[str] | None) -> tuple[DictC
 
 def janus_evaluator(cfg: DictConfig, denoiser, cameras, run_dir: Path):
     """Closure computing Janus metrics at the end of training, when a view classifier is at hand."""
-    if cfg.evaluate_janus is False or (cfg.evaluate_janus == "auto" and not hasattr(denoiser, "view_classifier")):
+    if cfg.evaluate_janus is False or (cfg.evaluate_janus == "auto" and not isinstance(denoiser, HasViewClassifier)):
         return None
     from perpneg3d.evaluation.classifiers import classifier_for
     from perpneg3d.evaluation.janus import classifier_camera, janus_metrics
@@ -96,12 +97,12 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     geometry = instantiate(cfg.geometry)
     renderer = instantiate(cfg.renderer)
     exporter = instantiate(cfg.export) if cfg.get("export") and "_target_" in cfg.export else None
-    prompts(guidance.denoiser, torch.zeros(1), torch.zeros(1))  # embeds the view texts now: bad prompts fail before step 0
+    prompts.bind(guidance.denoiser)  # embeds the view texts once, now: a bad prompt fails before step 0
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run_dir / "tb"))
     log.info("run folder %s | geometry %s | renderer %s | device %s", run_dir, geometry.encoding.implementation,
-             renderer.backend, getattr(guidance.denoiser, "device", "cpu"))
+             renderer.backend, device_of(guidance.denoiser))
     try:
         metrics = trainer.fit(geometry, renderer, guidance, prompts, cameras, run_dir, seed=cfg.seed, state=state,
                               writer=writer, evaluate=janus_evaluator(cfg, guidance.denoiser, cameras, run_dir),

@@ -30,12 +30,12 @@ def load_run(run: str | Path, device: str = "cpu"):
 
 
 def view_classifier_from_config(cfg, prompt: str, clip_model: str):
-    """The run's prior's own classifier (toy world) when its class has one, else CLIP zero-shot;
-    Stable Diffusion itself is never loaded for this."""
+    """classifier_for() of a run's prior, without loading the prior when it has no classifier of its
+    own (Stable Diffusion is never loaded just to be told to use CLIP)."""
     from hydra.utils import get_class
 
-    from perpneg3d.evaluation.classifiers import ClipViewClassifier
+    from perpneg3d.contracts import HasViewClassifier
+    from perpneg3d.evaluation.classifiers import classifier_for
 
-    if hasattr(get_class(cfg.guidance.denoiser._target_), "view_classifier"):
-        return instantiate(cfg.guidance.denoiser).view_classifier()
-    return ClipViewClassifier(prompt, clip_model)
+    has_own = issubclass(get_class(cfg.guidance.denoiser._target_), HasViewClassifier)
+    return classifier_for(instantiate(cfg.guidance.denoiser) if has_own else None, prompt, clip_model)

@@ -15,9 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from perpneg3d.config import CONFIG_DIR, instantiate
-from perpneg3d.random_streams import RandomStreams
+from perpneg3d.contracts import device_of
 from perpneg3d.training.timing import PhaseTimer, TimedDenoiser
-from perpneg3d.training.trainer import new_counters
 
 PHASES = ("render", "prompts", "encode", "denoiser", "guidance_other", "backward", "optimizer", "step")
 
@@ -48,7 +47,7 @@ def build_setup(overrides: list[str], denoiser=None) -> StepSetup:
     trainer, cameras, prompts = instantiate(cfg.trainer), instantiate(cfg.cameras), instantiate(cfg.prompts)
     guidance = instantiate(cfg.guidance, denoiser=denoiser) if denoiser is not None else instantiate(cfg.guidance)
     geometry, renderer = instantiate(cfg.geometry), instantiate(cfg.renderer)
-    device = getattr(guidance.denoiser, "device", torch.device("cpu"))
+    device = device_of(guidance.denoiser)
     geometry.to(device).train()
     renderer.to(device).train()
     return StepSetup(trainer, cameras, prompts, guidance, geometry, renderer, device)
@@ -67,8 +66,7 @@ def measure(setup: StepSetup, steps: int, warmup: int) -> dict:
     guidance = setup.guidance
     real_denoiser = guidance.denoiser
     guidance.denoiser = TimedDenoiser(real_denoiser, timer)
-    optimizer = setup.trainer.make_optimizer(setup.geometry, setup.renderer)
-    rng, counters = RandomStreams.seeded(0, setup.device), new_counters(setup.device)
+    run = setup.trainer.start(setup.geometry, setup.renderer, guidance, setup.prompts, setup.cameras, seed=0)
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
     try:
@@ -76,11 +74,10 @@ def measure(setup: StepSetup, steps: int, warmup: int) -> dict:
             if step == warmup:
                 timer.reset()
             with timer.phase("step"):
-                setup.trainer.train_step(step, setup.geometry, setup.renderer, guidance, setup.prompts, setup.cameras,
-                                         optimizer, rng, counters, timer)
+                setup.trainer.train_step(step, run, timer)
     finally:
         guidance.denoiser = real_denoiser
     ms = {k: 1000 * v / steps for k, v in timer.seconds.items()}
     ms["guidance_other"] = ms.get("guidance", 0) - ms.get("encode", 0) - ms.get("denoiser", 0)
     return dict(ms=ms, its=1000 / ms["step"], device=str(setup.device), geometry=setup.geometry.encoding.implementation,
-                renderer=setup.renderer.backend, skipped_steps=counters["nonfinite_steps"], **peak_memory_mb(setup.device))
+                renderer=setup.renderer.backend, skipped_steps=run.counters["nonfinite_steps"], **peak_memory_mb(setup.device))

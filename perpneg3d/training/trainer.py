@@ -5,12 +5,14 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from tqdm.auto import tqdm
 
+from perpneg3d.contracts import Geometry, Renderer, device_of
 from perpneg3d.errors import NumericalError, require
 from perpneg3d.random_streams import RandomStreams
 from perpneg3d.schedules import ramp
@@ -30,8 +32,24 @@ from perpneg3d.validation import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LRS = {"geometry.encoding": 0.01, "geometry.density_mlp": 0.001, "geometry.albedo_mlp": 0.001,
+DEFAULT_LRS = {"geometry.encoding": 0.01, "geometry.density_mlp": 0.01, "geometry.albedo_mlp": 0.01,
                "renderer.background": 0.001}
+
+
+@dataclass
+class RunState:
+    """Everything a training step reads and changes (what a checkpoint saves, plus the parts that
+    stay fixed: guidance, prompts bound to its denoiser, cameras)."""
+
+    geometry: Geometry
+    renderer: Renderer
+    guidance: object
+    prompts: object
+    cameras: object
+    optimizer: torch.optim.Optimizer
+    rng: RandomStreams
+    counters: dict
+    run_dir: Path | None = None
 
 
 def new_counters(device) -> dict:
@@ -93,9 +111,9 @@ class Trainer:
         self.max_nonfinite_steps, self.nonfinite_skip_share, self.progress = max_nonfinite_steps, nonfinite_skip_share, progress
 
     # -- set-up ------------------------------------------------------------------------------
-    def make_optimizer(self, geometry, renderer) -> torch.optim.Optimizer:
+    def make_optimizer(self, geometry: Geometry, renderer: Renderer) -> torch.optim.Optimizer:
         groups = {f"geometry.{k}": v for k, v in geometry.param_groups().items()}
-        groups["renderer.background"] = list(renderer.background.parameters())
+        groups.update({f"renderer.{k}": v for k, v in renderer.param_groups().items()})
         unknown = set(self.lrs) - set(groups)
         require(not unknown, f"trainer.learning_rates has unknown groups {sorted(unknown)}: use {sorted(groups)}")
         params = [{"params": p, "lr": self.lrs.get(name, 0.0), "name": name} for name, p in groups.items() if p]
@@ -114,67 +132,70 @@ class Trainer:
         return {k: v * ramp(self.lambdas[k], step) for k, v in terms.items()}
 
     # -- the loop ----------------------------------------------------------------------------
+    def start(self, geometry, renderer, guidance, prompts, cameras, seed: int = 0, run_dir: Path | None = None) -> RunState:
+        """A fresh RunState: parts on the denoiser's device, optimiser, seeded random streams, prompts
+        bound to the denoiser (their texts embedded once)."""
+        device = device_of(guidance.denoiser)
+        geometry.to(device).train()
+        renderer.to(device).train()
+        return RunState(geometry, renderer, guidance, prompts.bind(guidance.denoiser), cameras,
+                        self.make_optimizer(geometry, renderer), RandomStreams.seeded(seed, device), new_counters(device),
+                        None if run_dir is None else Path(run_dir))
+
     def fit(self, geometry, renderer, guidance, prompts, cameras, run_dir: Path, seed: int = 0,
             state: dict | None = None, writer=None, evaluate=None, export=None) -> dict:
         """Train to max_steps (from `state` when resuming); returns the metrics written to metrics.json."""
-        run_dir = Path(run_dir)
-        device = getattr(guidance.denoiser, "device", torch.device("cpu"))
-        geometry.to(device).train()
-        renderer.to(device).train()
-        optimizer = self.make_optimizer(geometry, renderer)
-        rng = RandomStreams.seeded(seed, device)
-        ctx = dict(geometry=geometry, renderer=renderer, optimizer=optimizer, rng=rng, run_dir=run_dir,
-                   counters=new_counters(device))
-        start = self.restore(state, ctx) if state is not None else 0
-        counters = ctx["counters"]
+        run = self.start(geometry, renderer, guidance, prompts, cameras, seed, run_dir)
+        start = self.restore(state, run) if state is not None else 0
         geometry.update_step(start)
         bar = tqdm(range(start, self.max_steps), initial=start, total=self.max_steps, desc="train", disable=not self.progress)
         last = {}
         with PreemptionHandler() as stop:
             for step in bar:
                 t0 = time.perf_counter()
-                metrics = self.train_step(step, geometry, renderer, guidance, prompts, cameras, optimizer, rng, counters)
-                counters["train_seconds"] += time.perf_counter() - t0
+                metrics = self.train_step(step, run)
+                run.counters["train_seconds"] += time.perf_counter() - t0
                 done = step + 1
-                if metrics.get("skipped") and counters["nonfinite_streak"] >= self.max_nonfinite_steps:
-                    path = self.checkpoint(done, ctx)
-                    raise NumericalError(f"{counters['nonfinite_streak']} consecutive steps had NaN/inf in the loss or "
+                if metrics.get("skipped") and run.counters["nonfinite_streak"] >= self.max_nonfinite_steps:
+                    path = self.checkpoint(done, run)
+                    raise NumericalError(f"{run.counters['nonfinite_streak']} consecutive steps had NaN/inf in the loss or "
                                          f"gradient (step {done}); last good state saved to {path}: lower the learning "
                                          "rates or guidance_scale, or set guidance.grad_clip")
                 if done % self.log_every == 0 or done == self.max_steps:  # the only place metrics reach the host
                     last = read_metrics(metrics)
                     bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4g}", ms=f"{1000 * (time.perf_counter() - t0):.0f}")
-                    write_progress(run_dir, done, self.max_steps, last, counters)
+                    write_progress(run.run_dir, done, self.max_steps, last, run.counters)
                     if writer is not None:
                         for key, value in last.items():
                             writer.add_scalar(f"train/{key}", value, done)
                 if done % self.val_every == 0 or done == self.max_steps:
-                    self.validate(done, geometry, renderer, cameras, run_dir, writer)
+                    self.validate(done, geometry, renderer, cameras, run.run_dir, writer)
                 if stop.requested:
-                    path = self.checkpoint(done, ctx)
+                    path = self.checkpoint(done, run)
                     bar.close()
-                    log.warning("stopped at step %d; checkpoint %s; resume with resume=%s", done, path, run_dir)
+                    log.warning("stopped at step %d; checkpoint %s; resume with resume=%s", done, path, run.run_dir)
                     signum = stop.signum
                     stop.hand_over()
-                    raise Preempted(str(run_dir), signum)
+                    raise Preempted(str(run.run_dir), signum)
                 if done % self.ckpt_every == 0 and done < self.max_steps:
-                    self.checkpoint(done, ctx)
-        self.checkpoint(self.max_steps, ctx)
-        return self.finish(geometry, renderer, cameras, run_dir, counters, last, evaluate, export)
+                    self.checkpoint(done, run)
+        self.checkpoint(self.max_steps, run)
+        return self.finish(geometry, renderer, cameras, run.run_dir, run.counters, last, evaluate, export)
 
-    def train_step(self, step, geometry, renderer, guidance, prompts, cameras, optimizer, rng: RandomStreams, counters,
-                   timer: PhaseTimer = NULL_TIMER) -> dict:
-        """One optimisation step. Returns device tensors (read them on logging steps only); on CUDA
-        its one host synchronisation is the skip decision (docs/gpu.md)."""
+    def train_step(self, step: int, run: RunState, timer: PhaseTimer = NULL_TIMER) -> dict:
+        """One optimisation step (docs/architecture.md has its data flow). Returns device tensors (read
+        them on logging steps only); on CUDA its one host synchronisation is the skip decision (docs/gpu.md)."""
+        geometry, renderer, guidance, optimizer, rng, counters = (run.geometry, run.renderer, run.guidance, run.optimizer,
+                                                                  run.rng, run.counters)
         geometry.update_step(step)
         renderer.update(step, geometry)  # occupancy grid before rendering, as in nerfacc's examples
-        cams = cameras.sample(step, rng.device)
-        shading = renderer.material.choose_shading(step, rng.host)
+        cams = run.cameras.sample(step, rng.device)
+        shading = renderer.choose_shading(step, rng.host)
         with_normals = ramp(self.lambdas["orient"], step) > 0
         with timer.phase("render"):
             out = renderer(geometry, cams, shading=shading, with_normals=with_normals, rng=rng)
         with timer.phase("prompts"):
-            prompt_batch = prompts(guidance.denoiser, cams.azimuth_deg, cams.elevation_deg)
+            prompt_batch = run.prompts(cams.azimuth_deg, cams.elevation_deg)
         with timer.phase("guidance"):
             sds = guidance(out.rgb, prompt_batch, step, rng.device)
         terms = self.losses(out, sds.loss, step)
@@ -204,30 +225,30 @@ class Trainer:
 
     # -- checkpoints and outputs --------------------------------------------------------------
     @staticmethod
-    def restore(state: dict, ctx: dict) -> int:
+    def restore(state: dict, run: RunState) -> int:
         """Load a checkpoint into the run's objects (the inverse of checkpoint()); returns its step."""
-        ctx["geometry"].load_state_dict(state["geometry"])
-        ctx["renderer"].load_state_dict(state["renderer"])
-        ctx["optimizer"].load_state_dict(state["optimizer"])
+        run.geometry.load_state_dict(state["geometry"])
+        run.renderer.load_state_dict(state["renderer"])
+        run.optimizer.load_state_dict(state["optimizer"])
         if isinstance(state["generator"], dict):
-            ctx["rng"].load_state_dict(state["generator"])
+            run.rng.load_state_dict(state["generator"])
         else:  # checkpoints of perpneg3d 0.1 held the CPU stream only
-            ctx["rng"].host.set_state(state["generator"])
+            run.rng.host.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             log.warning("checkpoint from an older version: the device random stream restarts from the seed")
-        counters = new_counters(ctx["rng"].device.device)
+        counters = new_counters(run.rng.device.device)
         counters.update({k: v for k, v in state.get("counters", {}).items() if k != "nonfinite_entries"})
         counters["nonfinite_entries"] += int(state.get("counters", {}).get("nonfinite_entries", 0))
-        ctx["counters"] = counters
+        run.counters = counters
         log.info("resumed at step %d", state["step"])
         return int(state["step"])
 
-    def checkpoint(self, step: int, ctx: dict) -> Path:
-        counters = dict(ctx["counters"], nonfinite_entries=int(ctx["counters"]["nonfinite_entries"]))
-        state = dict(step=step, geometry=ctx["geometry"].state_dict(), renderer=ctx["renderer"].state_dict(),
-                     optimizer=ctx["optimizer"].state_dict(), generator=ctx["rng"].state_dict(), counters=counters)
-        path = save_checkpoint(state, checkpoint_path(ctx["run_dir"], step))
-        prune_checkpoints(ctx["run_dir"], self.keep_checkpoints)
+    def checkpoint(self, step: int, run: RunState) -> Path:
+        counters = dict(run.counters, nonfinite_entries=int(run.counters["nonfinite_entries"]))
+        state = dict(step=step, geometry=run.geometry.state_dict(), renderer=run.renderer.state_dict(),
+                     optimizer=run.optimizer.state_dict(), generator=run.rng.state_dict(), counters=counters)
+        path = save_checkpoint(state, checkpoint_path(run.run_dir, step))
+        prune_checkpoints(run.run_dir, self.keep_checkpoints)
         return path
 
     def validate(self, step, geometry, renderer, cameras, run_dir, writer) -> None:

@@ -12,16 +12,11 @@ from perpneg3d.renderer.orbit import render_rgb, render_views
 VAL_VIEWS = ((0.0, 15.0), (90.0, 15.0), (180.0, 15.0), (0.0, 75.0))  # front, side, back, overhead
 
 
-def view_distance_fovy(cameras) -> tuple[float, float]:
-    """The middle of the training camera distribution: where the result is meant to be seen from."""
-    return sum(cameras.distance_range) / 2, sum(cameras.fovy_range) / 2
-
-
 def validation_grid(geometry, renderer, cameras, resolution: int, path: Path) -> torch.Tensor:
     """Save and return a [3,H,W] grid: columns front/side/back/overhead; rows rgb, normals, opacity."""
     az = torch.tensor([v[0] for v in VAL_VIEWS])
     el = torch.tensor([v[1] for v in VAL_VIEWS])
-    distance, fovy = view_distance_fovy(cameras)
+    distance, fovy = cameras.middle()
     out = render_views(geometry, renderer, az, el, distance, fovy, resolution, with_normals=True)[0]
     rgb = out.rgb.permute(0, 3, 1, 2)
     opacity = out.opacity.permute(0, 3, 1, 2)
@@ -37,7 +32,7 @@ def render_turntable(geometry, renderer, cameras, path: Path, frames: int = 120,
     import imageio.v2 as imageio
 
     az = torch.linspace(-180, 180, frames + 1)[:-1]
-    distance, fovy = view_distance_fovy(cameras)
+    distance, fovy = cameras.middle()
     rgb = render_rgb(geometry, renderer, az, torch.full_like(az, elevation), distance, fovy, resolution)
     scale = max(1, -(-256 // resolution))
     if scale > 1:
