@@ -54,6 +54,7 @@ def _ramp(value):
 
 
 RampValue = Annotated[object, PlainValidator(_ramp)]
+UnitRange = Annotated[tuple[Unit, Unit], AfterValidator(_ordered)]
 PositiveRange = Annotated[tuple[PositiveFloat, PositiveFloat], AfterValidator(_ordered)]
 NonNegativeRange = Annotated[tuple[NonNegativeFloat, NonNegativeFloat], AfterValidator(_ordered)]
 ElevationRange = Annotated[tuple[Elevation, Elevation], AfterValidator(_ordered)]

@@ -1,70 +1,160 @@
-"""Janus benchmark (the paper's Table 2 on the toy prior): plain view-prompt SDS vs Perp-Neg SDS.
+"""The Janus benchmark on the toy prior: methods x objects x seeds, with confidence intervals.
 
-    python scripts/bench_janus.py                      # 2 methods x 5 seeds of experiment=toy
-    python scripts/bench_janus.py seeds=[0,1] 'overrides=[experiment=toy,trainer.max_steps=300]'
+    python scripts/bench_janus.py                                    # plain vs Perp-Neg, 3 objects x 6 seeds
+    python scripts/bench_janus.py 'methods=[plain,perpneg,perpneg_time,perpneg_align,perpneg_dsds,perpneg_all]'
+    python scripts/bench_janus.py seeds=[0,1] objects=[dog] launcher=basic 'overrides=[experiment=toy,trainer.max_steps=300]'
 
-Prints per-seed metrics and the number of Janus-free runs per method; writes bench.json,
-results.md and montage.png (rows: runs; columns: azimuth 0, 45, ..., 315 at elevation 15).
+Each (method, object) is one `train.py -m seed=...` sweep through the same Hydra launcher as any sweep
+(`launcher=submitit_local`: its jobs run at once and share the cores; `basic`: one after another), into
+<out_dir>/<method>/<object>/<seed>/. The benchmark is resumable: a run whose metrics.json exists is
+reused, an interrupted one resumes from its checkpoint. Writes bench.md, bench.csv and montage.png
+(rows: each method's renders at azimuth 0 and 180; columns: the runs) into out_dir.
 """
 from __future__ import annotations
 
+import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
-from hydra import compose
 from omegaconf import OmegaConf
+from scipy.stats import binomtest
 
 from perpneg3d.config import run_script
+from perpneg3d.errors import ConfigError, require
 from perpneg3d.images import make_grid, save_png
-from perpneg3d.prompts import validate_prompt
 from perpneg3d.renderer.orbit import render_rgb
-from perpneg3d.run_dir import new_run_dir
-from perpneg3d.training.run import train
 from perpneg3d.training.run_loading import load_run
 
-MONTAGE_AZIMUTHS = torch.arange(0.0, 360.0, 45.0)
+ROOT = Path(__file__).resolve().parents[1]
+ORIENTED_MIN = 0.8  # correctly oriented: Janus-free and view_acc (absolute) >= 0.8
+COLUMNS = ["method", "object", "seed", "front_share", "view_acc", "view_acc_aligned", "janus_free", "oriented",
+           "seconds_per_step", "run"]
 
 
-def table(rows: list[dict], methods: list[str]) -> str:
-    lines = ["| method | seed | front_share | view_acc | view_acc_aligned | Janus-free |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['seed']} | {r['front_share']:.2f} | {r['view_acc']:.2f} | "
-                     f"{r['view_acc_aligned']:.2f} | {'yes' if r['janus_free'] else 'no'} |")
-    lines += ["", "| method | Janus-free runs | mean view_acc (absolute orientation) |", "|---|---|---|"]
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of k successes in n trials (scipy.stats.binomtest)."""
+    if n == 0:
+        return 0.0, 1.0
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def run_dir(out: Path, method: str, obj: str, seed: int) -> Path:
+    return out / method / obj / str(seed)
+
+
+def launch(out: Path, method: str, obj: str, seeds: list[int], overrides: list[str], launcher: str) -> None:
+    """One Hydra sweep over the seeds still missing for (method, object)."""
+    sweep = out / method / obj
+    args = [sys.executable, str(ROOT / "train.py"), "-m", f"seed={','.join(map(str, seeds))}", f'prompt="a toy {obj}"',
+            *overrides, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${seed}"]
+    if launcher != "basic":
+        args.append(f"hydra/launcher={launcher}")
+    print(f"{method} / {obj}: seeds {seeds} ({launcher})", flush=True)
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        raise ConfigError(f"the {method} runs of '{obj}' failed ({tail}): see {sweep}")
+
+
+def row(out: Path, method: str, obj: str, seed: int) -> dict:
+    folder = run_dir(out, method, obj, seed)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    janus = metrics["janus"]
+    return dict(method=method, object=obj, seed=seed, front_share=janus["front_share"], view_acc=janus["view_acc"],
+                view_acc_aligned=janus["view_acc_aligned"], janus_free=bool(janus["janus_free"]),
+                oriented=bool(janus["janus_free"] and janus["view_acc"] >= ORIENTED_MIN),
+                seconds_per_step=metrics["seconds_per_step"], run=str(folder))
+
+
+def summary(rows: list[dict], methods: list[str], baseline: str | None) -> list[dict]:
+    """Per method: counts with Wilson intervals, mean step time, and the paired comparison with the
+    baseline on the same (object, seed): runs it fixes (baseline fails, method succeeds) and breaks."""
+    by_key = {(r["method"], r["object"], r["seed"]): r for r in rows}
+    out = []
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
-        free = sum(r["janus_free"] for r in mine)
-        acc = sum(r["view_acc"] for r in mine) / max(len(mine), 1)
-        lines.append(f"| {m} | {free} / {len(mine)} | {acc:.2f} |")
+        n = len(mine)
+        entry = dict(method=m, n=n, seconds_per_step=sum(r["seconds_per_step"] for r in mine) / max(n, 1))
+        for key in ("janus_free", "oriented"):
+            k = sum(r[key] for r in mine)
+            entry[key] = k
+            entry[f"{key}_ci"] = wilson(k, n)
+            if baseline is not None and m != baseline:
+                pairs = [(by_key[(baseline, r["object"], r["seed"])][key], r[key]) for r in mine
+                         if (baseline, r["object"], r["seed"]) in by_key]
+                entry[f"{key}_fixes"] = sum(1 for b, x in pairs if x and not b)
+                entry[f"{key}_breaks"] = sum(1 for b, x in pairs if b and not x)
+        out.append(entry)
+    return out
+
+
+def markdown(rows: list[dict], summ: list[dict], baseline: str | None) -> str:
+    lines = ["| method | Janus-free (95% CI) | correctly oriented (95% CI) | vs " + (baseline or "-") +
+             ": fixes / breaks (oriented) | s/step |", "|---|---|---|---|---|"]
+    for s in summ:
+        lo, hi = s["janus_free_ci"]
+        olo, ohi = s["oriented_ci"]
+        paired = f"{s['oriented_fixes']} / {s['oriented_breaks']}" if "oriented_fixes" in s else "-"
+        lines.append(f"| {s['method']} | {s['janus_free']}/{s['n']} ({lo:.2f}-{hi:.2f}) | "
+                     f"{s['oriented']}/{s['n']} ({olo:.2f}-{ohi:.2f}) | {paired} | {s['seconds_per_step']:.3f} |")
+    lines += ["", "| method | object | seed | front_share | view_acc | view_acc_aligned | Janus-free | oriented |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['object']} | {r['seed']} | {r['front_share']:.2f} | {r['view_acc']:.2f} | "
+                     f"{r['view_acc_aligned']:.2f} | {'yes' if r['janus_free'] else 'no'} | "
+                     f"{'yes' if r['oriented'] else 'no'} |")
     return "\n".join(lines)
 
 
-def main(cfg) -> None:
-    prompt = validate_prompt(cfg.prompt)
-    out = new_run_dir(cfg.out_dir)
-    methods = list(cfg.methods)
-    rows, montage = [], []
-    for method in methods:
-        for seed in cfg.seeds:
-            overrides = list(cfg.overrides) + list(cfg.methods[method]) + [
-                f"seed={seed}", f"out_dir={out}", f"name={method}_seed{seed}", f'prompt="{prompt}"']
-            run_dir = train(compose("train", overrides=overrides))
-            janus = json.loads((run_dir / "metrics.json").read_text())["janus"]
-            rows.append(dict(method=method, seed=int(seed), run=str(run_dir), **{k: janus[k] for k in (
-                "front_share", "view_acc", "view_acc_aligned", "janus_free", "best_rotation_deg")}))
-            print(f"{method} seed {seed}: front_share {janus['front_share']:.2f} view_acc {janus['view_acc']:.2f} "
-                  f"aligned {janus['view_acc_aligned']:.2f} janus_free {janus['janus_free']}", flush=True)
-            run_cfg, geometry, renderer, cameras, _, _ = load_run(run_dir)
-            res = run_cfg.guidance.denoiser.get("dataset", {}).get("resolution", 64)
-            montage.append(render_rgb(geometry, renderer, MONTAGE_AZIMUTHS, torch.full_like(MONTAGE_AZIMUTHS, 15.0),
+def montage(rows: list[dict], methods: list[str], path: Path) -> None:
+    """Rows: for each method, its runs seen from azimuth 0 then 180 (elevation 15); columns: the runs."""
+    tiles = []
+    for m in methods:
+        renders = []
+        for r in (r for r in rows if r["method"] == m):
+            cfg, geometry, renderer, cameras, _, _ = load_run(r["run"])
+            res = cfg.guidance.denoiser.get("dataset", {}).get("resolution", 64)
+            renders.append(render_rgb(geometry, renderer, torch.tensor([0.0, 180.0]), torch.tensor([15.0, 15.0]),
                                       *cameras.middle(), res))
-    text = table(rows, methods)
+        tiles += [torch.stack([x[0] for x in renders]), torch.stack([x[1] for x in renders])]
+    ncol = tiles[0].shape[0]
+    save_png(make_grid(torch.cat(tiles), nrow=ncol, upscale=max(1, 32 // tiles[0].shape[-1])), path)
+
+
+def main(cfg) -> None:
+    methods = list(cfg.methods)
+    unknown = [m for m in methods if m not in cfg.method_overrides]
+    require(not unknown, f"methods={methods}: {unknown} not in method_overrides ({', '.join(cfg.method_overrides)})")
+    require(cfg.launcher in ("basic", "submitit_local", "submitit_slurm"),
+            f"launcher={cfg.launcher!r}: use basic, submitit_local or submitit_slurm")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    objects, seeds = list(cfg.objects), [int(s) for s in cfg.seeds]
+    for m in methods:
+        for obj in objects:
+            missing = [s for s in seeds if not (run_dir(out, m, obj, s) / "metrics.json").is_file()]
+            if missing:
+                launch(out, m, obj, missing, list(cfg.overrides) + list(cfg.method_overrides[m]), cfg.launcher)
+            else:
+                print(f"{m} / {obj}: all {len(seeds)} runs reused", flush=True)
+    rows = [row(out, m, obj, s) for m in methods for obj in objects for s in seeds]
+    baseline = cfg.baseline if cfg.baseline in methods else None
+    summ = summary(rows, methods, baseline)
+    text = markdown(rows, summ, baseline)
     print(text)
-    (out / "results.md").write_text(text + "\n")
-    (out / "bench.json").write_text(json.dumps(dict(rows=rows, config=OmegaConf.to_container(cfg)), indent=2))
-    grid = make_grid(torch.cat(montage), nrow=len(MONTAGE_AZIMUTHS), upscale=max(1, 64 // montage[0].shape[-1]))
-    save_png(grid, out / "montage.png")
-    print(f"wrote results.md, bench.json and montage.png to {out}")
+    (out / "bench.md").write_text(text + "\n")
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "bench.json").write_text(json.dumps(dict(summary=summ, rows=rows, config=OmegaConf.to_container(cfg)),
+                                               indent=2))
+    montage(rows, methods, out / "montage.png")
+    print(f"wrote bench.md, bench.csv, bench.json and montage.png to {out}")
 
 
 if __name__ == "__main__":

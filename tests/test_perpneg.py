@@ -126,3 +126,34 @@ def test_negprompt_with_view_negatives_keeps_the_scale_on_front_cameras():
     both = combine(torch.zeros(2, 2), torch.tensor([[1.0, 2], [1, 2]]), torch.cat([eps_neg, eps_neg]),
                    torch.tensor([[0.0, 1.574], [0.0, 0.0]]), 3.0, "negprompt")
     assert torch.allclose(both, torch.tensor([[-5.0, 8.0], [3.0, 6.0]]))
+
+
+def test_time_factor_hand_values():
+    from perpneg3d.guidance.perpneg import time_factor
+
+    t = torch.tensor([0, 200, 500, 600, 999])
+    assert torch.allclose(time_factor(t, 1000, (0.2, 0.6)), torch.tensor([0.0, 0.0, 0.75, 1.0, 1.0]))
+    assert time_factor(t, 1000, None) is None
+
+
+def test_adaptive_weights_reduce_to_perpneg_when_off_and_scale_by_hand():
+    u, p, n, w = random_case()
+    plain = combine(u, p, n, w, 7.5, "perpneg")
+    assert torch.equal(combine(u, p, n, w, 7.5, "perpneg", neg_factor=None, alignment=False), plain)
+    assert torch.allclose(combine(u, p, n, w, 7.5, "perpneg", neg_factor=torch.ones(3)), plain)
+    # neg_factor 0: no negatives at all (plain CFG); 0.5: the same as halving the weights
+    assert torch.allclose(combine(u, p, n, w, 7.5, "perpneg", neg_factor=torch.zeros(3)), combine(u, p, None, None, 7.5, "cfg"))
+    half = torch.tensor([0.5, 0.5, 0.5])
+    assert torch.allclose(combine(u, p, n, w, 7.5, "perpneg", neg_factor=half), combine(u, p, n, w * 0.5, 7.5, "perpneg"))
+
+
+def test_alignment_scales_each_negative_by_its_surviving_share():
+    # d_pos = [1, 0]; d_neg = [1, 1] -> perp [0, 1], surviving share 1/sqrt(2); w = 2, scale 3
+    out = combine(one(0, 0), one(1, 0), one(1, 1).unsqueeze(1), torch.tensor([[2.0]]), 3.0, "perpneg", alignment=True)
+    assert torch.allclose(out, one(3, -3 * 2 / 2 ** 0.5))
+    # a negative parallel to the positive survives with share 0: plain CFG
+    par = combine(one(0, 0), one(1, 0), one(2, 0).unsqueeze(1), torch.tensor([[5.0]]), 3.0, "perpneg", alignment=True)
+    assert torch.allclose(par, one(3, 0))
+    # cebm with alignment: d_neg kept whole, weight scaled by the same share
+    cebm = combine(one(0, 0), one(1, 0), one(1, 1).unsqueeze(1), torch.tensor([[2.0]]), 3.0, "cebm", alignment=True)
+    assert torch.allclose(cebm, 3 * (one(1, 0) - 2 / 2 ** 0.5 * one(1, 1)))

@@ -51,3 +51,10 @@ def test_elevation_mixes_uniform_angle_and_uniform_sphere(prob, expected):
     el = cams.sample_elevation(200_000, torch.Generator().manual_seed(0))
     assert el.min() >= -10.0 - 1e-4 and el.max() <= 45.0 + 1e-4
     assert torch.sin(torch.deg2rad(el)).mean().item() == pytest.approx(target, abs=0.002)
+
+
+def test_a_run_saved_before_the_new_options_keeps_its_behaviour():
+    """config.yaml of earlier runs has no density_shift / elevation_sphere_prob: building from it must
+    give the field and cameras those runs were trained with (shift -1, elevation uniform in angle)."""
+    assert ImplicitVolume(n_levels=2, log2_hashmap_size=8, finest_resolution=32).density_shift == -1.0
+    assert RandomCameras().elevation_sphere_prob == 0.0

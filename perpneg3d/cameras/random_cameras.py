@@ -52,7 +52,7 @@ class RandomCameras:
         up_perturb: NonNegativeFloat = 0.02,
         light_distance_range: PositiveRange = (0.8, 1.5),
         light_position_perturb: NonNegativeFloat = 1.0,
-        elevation_sphere_prob: Probability = 0.5,
+        elevation_sphere_prob: Probability = 0.0,  # earlier runs: angle only; configs set 0.5 (threestudio)
     ):
         heights, widths = list(heights), list(widths or heights)
         require(len(heights) == len(widths) == len(resolution_milestones) + 1,

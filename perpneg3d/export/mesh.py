@@ -40,8 +40,9 @@ BLENDER_TO_YUP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 
 
 def field_device(field) -> torch.device:
-    """Where a field's parameters live (cpu for a parameter-free analytic field)."""
-    params = field.parameters() if hasattr(field, "parameters") else iter(())
+    """Where a field's parameters live (cpu for a parameter-free analytic field: any object with
+    density() and albedo() exports, a torch Module or not)."""
+    params = field.parameters() if isinstance(field, torch.nn.Module) else iter(())
     return next((p.device for p in params), torch.device("cpu"))
 
 
@@ -139,8 +140,9 @@ class MeshExporter:
         """Export every format into out_dir; returns the written paths."""
         import trimesh
 
-        was_training = getattr(geometry, "training", False)
-        if hasattr(geometry, "eval"):
+        module = isinstance(geometry, torch.nn.Module)
+        was_training = module and geometry.training
+        if module:
             geometry.eval()
         check_memory(self.resolution, self.texture, self.texture_size)
         t0 = time.perf_counter()
@@ -161,7 +163,7 @@ class MeshExporter:
                 rgb = self._albedo(geometry, torch.from_numpy(verts).float()).numpy()
                 colors = np.concatenate([(rgb.clip(0, 1) * 255 + 0.5).astype(np.uint8), np.full((len(rgb), 1), 255, np.uint8)], 1)
         finally:
-            if hasattr(geometry, "train"):
+            if module:
                 geometry.train(was_training)
         blender = to_blender(verts, self.height_m)
         out_dir = Path(out_dir)

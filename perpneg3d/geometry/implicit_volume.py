@@ -46,7 +46,7 @@ class ImplicitVolume(nn.Module):
         mlp_hidden_layers: NonNegativeInt = 1,
         blob_scale: NonNegativeFloat = 10.0,
         blob_std: PositiveFloat = 0.5,
-        density_shift: float = 0.0,
+        density_shift: float = -1.0,  # runs made before this option existed used -1; configs set 0 (threestudio)
         normal_type: str = "finite_difference",
         finite_difference_eps: PositiveFloat = 0.01,
         start_level: PositiveInt = 16,

@@ -33,6 +33,9 @@ def combine(
     neg_weights: Tensor | None,
     scale: float,
     mode: str = "perpneg",
+    *,
+    neg_factor: Tensor | None = None,
+    alignment: bool = False,
 ) -> Tensor:
     """Combine unconditional, positive and K negative noise predictions into one.
 
@@ -48,6 +51,12 @@ def combine(
     - ``perpneg``:   eps_uncond + w * (d_pos - sum_k w_k perp(d_neg_k, d_pos))
 
     Positive w_k push away from negative k in every mode. Computed in float32; returns float32.
+
+    Adaptive weights (docs/method.md, "Adaptive negative weights"), both off by default:
+    neg_factor [B] multiplies every w_k of a sample (the timestep ramp, time_factor());
+    alignment=True (cebm, perpneg) scales w_k by ||perp(d_neg_k, d_pos)|| / ||d_neg_k||, the share of
+    the negative direction that survives the projection, so a negative almost parallel to the
+    positive does not get its full weight on a tiny residual.
     """
     if mode not in MODES:
         raise ConfigError(f"unknown guidance mode '{mode}': use one of {', '.join(MODES)}")
@@ -79,12 +88,29 @@ def combine(
     d_neg = eps_neg - eps_uncond.unsqueeze(1)
     if mode == "perpneg":
         d_neg = perpendicular(d_neg, d_pos)
-    w_neg = neg_weights.float().reshape(batch, num_neg, *([1] * (d_pos.dim() - 1)))
+    w = neg_weights.float()
+    if neg_factor is not None:
+        w = w * neg_factor.float().reshape(batch, 1)
+    if alignment:
+        raw = eps_neg - eps_uncond.unsqueeze(1)
+        perp = d_neg if mode == "perpneg" else perpendicular(raw, d_pos)
+        w = w * perp.flatten(2).norm(dim=-1) / raw.flatten(2).norm(dim=-1).clamp_min(1e-12)
+    w_neg = w.reshape(batch, num_neg, *([1] * (d_pos.dim() - 1)))
     return eps_uncond + scale * (d_pos - (w_neg * d_neg).sum(1))
 
 
+def time_factor(t: Tensor, num_train_timesteps: int, ramp: tuple[float, float] | None) -> Tensor | None:
+    """f(t) = clamp((t/T - t_lo) / (t_hi - t_lo), 0, 1): negatives at full weight while t is high (the
+    layout, the view, is decided there) and faded at low t (details). None when ramp is None."""
+    if ramp is None:
+        return None
+    t_lo, t_hi = ramp
+    return ((t.float() / num_train_timesteps - t_lo) / max(t_hi - t_lo, 1e-12)).clamp(0, 1)
+
+
 def guided_eps(denoiser, x_t: Tensor, t: Tensor, text_emb: Tensor, neg_weights: Tensor | None, scale: float,
-               mode: str = "perpneg") -> Tensor:
+               mode: str = "perpneg", neg_time_ramp: tuple[float, float] | None = None,
+               alignment: bool = False) -> Tensor:
     """Every prompt of a step in one batched denoiser call, split into blocks and combined.
 
     x_t [B,...] noisy latents, t [B] timesteps, text_emb [(2+K)*B, ...] in the block layout
@@ -100,4 +126,6 @@ def guided_eps(denoiser, x_t: Tensor, t: Tensor, text_emb: Tensor, neg_weights: 
     eps_all = denoiser.eps(x_t.repeat(reps), t.repeat(num_blocks), text_emb)
     eps_all = eps_all.float().reshape(num_blocks, batch, *x_t.shape[1:])
     eps_neg = eps_all[2:].transpose(0, 1) if num_blocks > 2 else None
-    return combine(eps_all[0], eps_all[1], eps_neg, neg_weights if num_blocks > 2 else None, scale, mode)
+    factor = time_factor(t, denoiser.num_train_timesteps, neg_time_ramp)
+    return combine(eps_all[0], eps_all[1], eps_neg, neg_weights if num_blocks > 2 else None, scale, mode,
+                   neg_factor=factor, alignment=alignment)

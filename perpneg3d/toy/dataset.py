@@ -13,6 +13,7 @@ from pydantic import Field
 from torch import Tensor
 
 from perpneg3d.cameras import CameraBatch, look_at, spherical_position
+from perpneg3d.cameras.camera_batch import wrap_azimuth
 from perpneg3d.errors import ConfigError
 from perpneg3d.toy.objects import check_objects, render_objects
 from perpneg3d.validation import ElevationRange, Fov, PositiveInt, PositiveRange, Probability, validated
@@ -53,7 +54,7 @@ def sample_azimuths(view_idx: Tensor, g: torch.Generator) -> Tensor:
     u = torch.rand(len(view_idx), generator=g)
     sign = torch.where(torch.rand(len(view_idx), generator=g) < 0.5, -1.0, 1.0)
     az = torch.stack([-45 + 90 * u, sign * (45 + 90 * u), 135 + 90 * u]).gather(0, view_idx.view(1, -1))[0]
-    return 180.0 - torch.remainder(180.0 - az, 360.0)
+    return wrap_azimuth(az)
 
 
 class ToyDataset:
