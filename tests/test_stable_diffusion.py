@@ -134,3 +134,14 @@ def test_missing_hub_id_offline_is_one_clear_line(monkeypatch):
     with pytest.raises(ModelNotFoundError) as err:
         StableDiffusion("nobody/not-a-model", device="cpu")
     assert "nobody/not-a-model" in str(err.value) and "offline" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sampler_time_ramp_that_never_opens_is_plain_cfg(tiny_sd):
+    """neg_time_ramp=(1, 1): f(t) = 0 at every t < T, so Perp-Neg at weight 3 samples exactly as CFG."""
+    emb = tiny_sd.embed(["", "a corgi standing", "a corgi standing, front view"])
+    run = lambda **kw: sample(tiny_sd, emb, torch.ones(1) * 3, 1, scale=7.5, steps=3, progress=False,  # noqa: E731
+                              generator=torch.Generator().manual_seed(0), **kw)
+    cfg = sample(tiny_sd, emb[:2], torch.zeros(0), 1, scale=7.5, mode="cfg", steps=3, progress=False,
+                 generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(run(mode="perpneg", neg_time_ramp=(1.0, 1.0)), cfg, atol=1e-6)
+    assert not torch.allclose(run(mode="perpneg"), cfg, atol=1e-3)

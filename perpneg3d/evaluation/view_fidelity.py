@@ -24,10 +24,15 @@ class CellResult:
     stderr: float
     view_shares: dict  # share of samples per predicted label (front/side/back/none)
     grid: str
+    neg_time_ramp: tuple | None = None  # adaptive weights (docs/method.md); None / False: the paper's
+    alignment: bool = False
 
     @property
     def method(self) -> str:
-        return self.mode if self.mode in ("cfg", "negprompt") else f"{self.mode} w={self.weight:g}"
+        name = self.mode if self.mode in ("cfg", "negprompt") else f"{self.mode} w={self.weight:g}"
+        if self.neg_time_ramp is not None:
+            name += f" + t-ramp [{self.neg_time_ramp[0]:g}, {self.neg_time_ramp[1]:g}]"
+        return name + (" + alignment" if self.alignment else "")
 
 
 def cell_texts(prompt: str, view: str, mode: str) -> list[str]:
@@ -37,14 +42,15 @@ def cell_texts(prompt: str, view: str, mode: str) -> list[str]:
 
 
 def evaluate_cell(denoiser, classifier, prompt: str, view: str, mode: str, weight: float, num_samples: int,
-                  batch_size: int, steps: int, scale: float, seed: int, out_dir: Path | None) -> CellResult:
+                  batch_size: int, steps: int, scale: float, seed: int, out_dir: Path | None,
+                  neg_time_ramp: tuple | None = None, alignment: bool = False) -> CellResult:
     texts = cell_texts(prompt, view, mode)
     emb = denoiser.embed(texts)
     weights = torch.full((len(texts) - 2,), float(weight))
     generator = torch.Generator().manual_seed(seed)
     images = torch.cat([
         sample(denoiser, emb, weights, min(batch_size, num_samples - start), scale=scale, mode=mode, steps=steps,
-               generator=generator, progress=False).cpu()
+               generator=generator, progress=False, neg_time_ramp=neg_time_ramp, alignment=alignment).cpu()
         for start in range(0, num_samples, batch_size)
     ])
     pred = classifier(images)
@@ -55,22 +61,25 @@ def evaluate_cell(denoiser, classifier, prompt: str, view: str, mode: str, weigh
     shares["other"] = 1 - sum(shares.values())
     grid = ""
     if out_dir is not None:
+        tag = ("_ramp" if neg_time_ramp is not None else "") + ("_align" if alignment else "")
         grid = str(save_png(make_grid(images[:64], 8, upscale=max(1, 128 // images.shape[-1])),
-                            out_dir / f"{view}_{mode}_w{weight:g}.png"))
-    return CellResult(view, mode, float(weight), num_samples, p, math.sqrt(max(p * (1 - p), 1e-12) / num_samples), shares, grid)
+                            out_dir / f"{view}_{mode}_w{weight:g}{tag}.png"))
+    return CellResult(view, mode, float(weight), num_samples, p, math.sqrt(max(p * (1 - p), 1e-12) / num_samples), shares,
+                      grid, tuple(neg_time_ramp) if neg_time_ramp is not None else None, bool(alignment))
 
 
 def evaluate_view_fidelity(denoiser, classifier, prompt: str, views: Sequence[str], methods: Sequence[dict],
                            num_samples: int = 200, batch_size: int = 200, steps: int = 50, scale: float = 7.5,
                            seed: int = 0, out_dir: Path | None = None) -> list[CellResult]:
     """Every (view, method) cell with the same seed, so methods see the same initial noise."""
-    cells = [(v, m["mode"], float(m.get("weight", 0.0))) for v in views for m in methods]
+    cells = [(v, m) for v in views for m in methods]
     results = []
     bar = tqdm(cells, desc="view fidelity")
-    for view, mode, weight in bar:
+    for view, m in bar:
+        mode, weight = m["mode"], float(m.get("weight", 0.0))
         bar.set_postfix_str(f"{view} {mode} w={weight:g}")
         results.append(evaluate_cell(denoiser, classifier, prompt, view, mode, weight, num_samples, batch_size,
-                                     steps, scale, seed, out_dir))
+                                     steps, scale, seed, out_dir, m.get("neg_time_ramp"), bool(m.get("alignment", False))))
     return results
 
 

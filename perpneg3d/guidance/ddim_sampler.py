@@ -40,6 +40,8 @@ def sample(
     width: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    neg_time_ramp: tuple[float, float] | None = None,
+    alignment: bool = False,
 ) -> Tensor:
     """Sample images [num_samples,3,H,W] in [0,1].
 
@@ -61,6 +63,7 @@ def sample(
     weights = neg_weights.to(device).float().reshape(1, num_neg).expand(num_samples, num_neg) if num_neg else None
     for t in tqdm(scheduler.timesteps, desc=f"DDIM {mode}", disable=not progress, leave=False):
         x_in = scheduler.scale_model_input(latents, t)
-        eps_hat = guided_eps(denoiser, x_in, t.reshape(1).expand(num_samples).to(device), emb, weights, scale, mode)
+        eps_hat = guided_eps(denoiser, x_in, t.reshape(1).expand(num_samples).to(device), emb, weights, scale, mode,
+                             neg_time_ramp, alignment)
         latents = scheduler.step(eps_hat.to(latents.dtype), t, latents, eta=eta, generator=generator).prev_sample
     return denoiser.decode(latents)
