@@ -134,6 +134,30 @@ def test_time_factor_hand_values():
     t = torch.tensor([0, 200, 500, 600, 999])
     assert torch.allclose(time_factor(t, 1000, (0.2, 0.6)), torch.tensor([0.0, 0.0, 0.75, 1.0, 1.0]))
     assert time_factor(t, 1000, None) is None
+    # a gain multiplies the ramp; without a ramp it is a constant factor per sample
+    assert torch.allclose(time_factor(t, 1000, (0.2, 0.6), 2.0), torch.tensor([0.0, 0.0, 1.5, 2.0, 2.0]))
+    assert torch.equal(time_factor(t, 1000, None, 3.0), torch.full((5,), 3.0))
+
+
+def test_gain_through_guided_eps_equals_scaled_weights():
+    """guided_eps with neg_gain g is Perp-Neg with every view weight multiplied by g, and g = 1 is the paper's."""
+    from perpneg3d.guidance.perpneg import guided_eps
+
+    class Linear:  # eps = x * t/1000 + the embedding's first 4 entries: each block points elsewhere
+        num_train_timesteps = 1000
+
+        def eps(self, x, t, emb):
+            return x * (t.float() / 1000).view(-1, 1) + emb[:, :4]
+
+    torch.manual_seed(0)
+    x, t, emb = torch.randn(2, 4), torch.tensor([300, 800]), torch.randn(8, 5)
+    w = torch.tensor([[0.5, 1.0], [2.0, 0.0]])
+    run = lambda weights, **kw: guided_eps(Linear(), x, t, emb, weights, 7.5, "perpneg", **kw)  # noqa: E731
+    assert torch.equal(run(w, neg_gain=1.0), run(w))
+    assert torch.allclose(run(w, neg_gain=2.0), run(w * 2))
+    assert not torch.allclose(run(w, neg_gain=2.0), run(w), atol=1e-3)
+    # with the ramp [0.2, 0.6]: t=300 -> f = 0.25, t=800 -> f = 1; gain 2 gives factors 0.5 and 2
+    assert torch.allclose(run(w, neg_gain=2.0, neg_time_ramp=(0.2, 0.6)), run(w * torch.tensor([[0.5], [2.0]])))
 
 
 def test_adaptive_weights_reduce_to_perpneg_when_off_and_scale_by_hand():

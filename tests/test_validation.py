@@ -33,6 +33,7 @@ CATALOGUE = [
     ("guidance.guidance_scale=-1", "guidance.guidance_scale=-1: must be greater than 0"),
     ("guidance.min_step_percent=[0,0.5,0.1]", "guidance.min_step_percent=[0, 0.5, 0.1]: use a number or "
                                               "[start_step, start_value, end_value, end_step]"),
+    ("guidance.neg_gain=-1", "guidance.neg_gain=-1: must be greater than or equal to 0"),
     ("guidance.denoiser.tau=0", "guidance.denoiser.tau=0: must be greater than 0"),
     ("guidance.denoiser.dataset.view_caption_prob=1.2", "guidance.denoiser.dataset.view_caption_prob=1.2: must be "
                                                         "less than or equal to 1"),

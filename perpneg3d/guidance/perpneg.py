@@ -99,22 +99,25 @@ def combine(
     return eps_uncond + scale * (d_pos - (w_neg * d_neg).sum(1))
 
 
-def time_factor(t: Tensor, num_train_timesteps: int, ramp: tuple[float, float] | None) -> Tensor | None:
-    """f(t) = clamp((t/T - t_lo) / (t_hi - t_lo), 0, 1): negatives at full weight while t is high (the
-    layout, the view, is decided there) and faded at low t (details). None when ramp is None."""
+def time_factor(t: Tensor, num_train_timesteps: int, ramp: tuple[float, float] | None,
+                gain: float = 1.0) -> Tensor | None:
+    """gain * f(t), f(t) = clamp((t/T - t_lo) / (t_hi - t_lo), 0, 1): negatives at full weight while t is
+    high (the layout, the view, is decided there) and faded at low t (details); f = 1 when ramp is None.
+    None (no factor at all) when ramp is None and gain is 1."""
     if ramp is None:
-        return None
+        return None if gain == 1.0 else torch.full(t.shape, float(gain), device=t.device)
     t_lo, t_hi = ramp
-    return ((t.float() / num_train_timesteps - t_lo) / max(t_hi - t_lo, 1e-12)).clamp(0, 1)
+    return gain * ((t.float() / num_train_timesteps - t_lo) / max(t_hi - t_lo, 1e-12)).clamp(0, 1)
 
 
 def guided_eps(denoiser, x_t: Tensor, t: Tensor, text_emb: Tensor, neg_weights: Tensor | None, scale: float,
                mode: str = "perpneg", neg_time_ramp: tuple[float, float] | None = None,
-               alignment: bool = False) -> Tensor:
+               alignment: bool = False, neg_gain: float = 1.0) -> Tensor:
     """Every prompt of a step in one batched denoiser call, split into blocks and combined.
 
     x_t [B,...] noisy latents, t [B] timesteps, text_emb [(2+K)*B, ...] in the block layout
-    [uncond | pos | neg_1 .. neg_K] (each block the B samples in order), neg_weights [B,K].
+    [uncond | pos | neg_1 .. neg_K] (each block the B samples in order), neg_weights [B,K], each
+    multiplied by neg_gain * f(t) (time_factor).
     Used by score distillation (sds.py) and the 2D sampler (ddim_sampler.py) alike. Returns the
     combined eps [B,...] in float32.
     """
@@ -126,6 +129,6 @@ def guided_eps(denoiser, x_t: Tensor, t: Tensor, text_emb: Tensor, neg_weights: 
     eps_all = denoiser.eps(x_t.repeat(reps), t.repeat(num_blocks), text_emb)
     eps_all = eps_all.float().reshape(num_blocks, batch, *x_t.shape[1:])
     eps_neg = eps_all[2:].transpose(0, 1) if num_blocks > 2 else None
-    factor = time_factor(t, denoiser.num_train_timesteps, neg_time_ramp)
+    factor = time_factor(t, denoiser.num_train_timesteps, neg_time_ramp, neg_gain)
     return combine(eps_all[0], eps_all[1], eps_neg, neg_weights if num_blocks > 2 else None, scale, mode,
                    neg_factor=factor, alignment=alignment)

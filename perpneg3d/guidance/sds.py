@@ -14,7 +14,7 @@ from perpneg3d.errors import require
 from perpneg3d.guidance.denoiser import add_noise
 from perpneg3d.guidance.perpneg import MODES, guided_eps
 from perpneg3d.schedules import ramp
-from perpneg3d.validation import PositiveFloat, RampValue, UnitRange, validated
+from perpneg3d.validation import NonNegativeFloat, PositiveFloat, RampValue, UnitRange, validated
 
 
 @dataclass
@@ -37,8 +37,8 @@ class ScoreDistillation:
     high noise only, so the coarse layout (the view) settles before details (DreamTime's observation).
     weighting "sds": w(t) = 1 - alphas_cumprod[t]; "uniform": w(t) = 1.
     grad_clip: elementwise clip of the SDS gradient, a number or a ramp; a rising ramp is D-SDS's
-    score debiasing (threestudio's grad_clip). neg_time_ramp, neg_alignment: adaptive negative
-    weights (perpneg.combine; docs/method.md).
+    score debiasing (threestudio's grad_clip). neg_time_ramp, neg_alignment, neg_gain: adaptive negative
+    weights (perpneg.combine; docs/method.md); neg_gain multiplies every view weight (1: the paper's).
     """
 
     @validated("guidance")
@@ -53,6 +53,7 @@ class ScoreDistillation:
         grad_clip: RampValue | None = None,
         neg_time_ramp: UnitRange | None = None,
         neg_alignment: bool = False,
+        neg_gain: NonNegativeFloat = 1.0,
     ):
         require(mode in MODES, f"guidance.mode={mode!r} is unknown: use one of {', '.join(MODES)}")
         require(weighting in ("sds", "uniform"), f"guidance.weighting={weighting!r} is unknown: use sds or uniform")
@@ -63,7 +64,7 @@ class ScoreDistillation:
         self.denoiser, self.guidance_scale, self.mode, self.weighting = denoiser, guidance_scale, mode, weighting
         self.min_step_percent, self.max_step_percent = min_step_percent, max_step_percent
         self.grad_clip = grad_clip
-        self.neg_time_ramp, self.neg_alignment = neg_time_ramp, neg_alignment
+        self.neg_time_ramp, self.neg_alignment, self.neg_gain = neg_time_ramp, neg_alignment, neg_gain
 
     def timestep_range(self, step: int) -> tuple[int, int]:
         """Inclusive [lo, hi] timestep indices at training step `step`."""
@@ -85,7 +86,7 @@ class ScoreDistillation:
             x_t = add_noise(den, latents.detach(), noise, t)
             neg_w = prompts.neg_weights.to(latents.device) if prompts.num_neg else None
             eps_hat = guided_eps(den, x_t, t, prompts.text_emb, neg_w, self.guidance_scale, self.mode,
-                                 self.neg_time_ramp, self.neg_alignment)
+                                 self.neg_time_ramp, self.neg_alignment, self.neg_gain)
             w = 1 - den.alphas_cumprod.to(latents.device)[t] if self.weighting == "sds" else torch.ones(batch, device=latents.device)
             grad = w.float().view(-1, *([1] * (latents.dim() - 1))) * (eps_hat - noise)
             # non-finite entries are zeroed and the rest of the batch still trains (threestudio does
