@@ -17,6 +17,7 @@ setup(
         "transformers>=4.40",
         "safetensors",
         "accelerate",
+        "sentencepiece",  # DeepFloyd IF's T5 tokenizer (spiece.model)
         "hydra-core>=1.3,<1.4",
         "hydra-submitit-launcher>=1.2",
         "nerfacc==0.5.3",

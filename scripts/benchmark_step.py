@@ -3,6 +3,7 @@
     python scripts/benchmark_step.py                         # the toy preset on this machine
     python scripts/benchmark_step.py --prior sd21-random     # full-size SD 2.1-base UNet + VAE, random weights
     python scripts/benchmark_step.py --prior sd21-random --resolution 64 --batch 1 --steps 20
+    python scripts/benchmark_step.py --prior if-random       # full-size DeepFloyd IF-I-XL UNet, random weights
 
 Each configuration runs with Perp-Neg (2 negatives: 4 prompts per UNet call) and with plain
 view prompts (2 prompts). Reports ms per phase, it/s and peak memory (CUDA: allocator peak; CPU:
@@ -11,11 +12,13 @@ process peak RSS). Speed does not depend on the weights, so random ones measure 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 import torch
 
 from perpneg3d.errors import reported_errors
+from perpneg3d.guidance.deepfloyd_if import RandomDeepFloydIF
 from perpneg3d.guidance.random_sd import RandomStableDiffusion
 from perpneg3d.training.step_benchmark import PHASES, build_setup, measure
 
@@ -25,7 +28,11 @@ def run(args, perp_neg: bool) -> dict:
     if args.prior == "toy":
         overrides.append("experiment=toy")
     overrides += [f"cameras.batch_size={args.batch}", f"cameras.heights=[{args.resolution}]", f"cameras.widths=[{args.resolution}]"]
-    denoiser = RandomStableDiffusion("sd21", args.device) if args.prior == "sd21-random" else None
+    denoiser = None
+    if args.prior == "sd21-random":
+        denoiser = RandomStableDiffusion("sd21", args.device, torch_dtype=args.dtype)
+    elif args.prior == "if-random":
+        denoiser = RandomDeepFloydIF(args.device, torch_dtype=args.dtype)
     result = measure(build_setup(overrides + args.overrides, denoiser), args.steps, args.warmup)
     result["peak_mb"] = result.get("peak_allocated_mb", result.get("peak_rss_mb"))
     return dict(result, perp_neg=perp_neg)
@@ -33,18 +40,23 @@ def run(args, perp_neg: bool) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prior", choices=("toy", "sd21-random", "config"), default="toy",
-                        help="toy preset, full-size random SD 2.1-base, or the train.yaml default (pass overrides)")
+    parser.add_argument("--prior", choices=("toy", "sd21-random", "if-random", "config"), default="toy",
+                        help="toy preset, full-size random SD 2.1-base or IF-I-XL, or the train.yaml default "
+                             "(pass overrides)")
     parser.add_argument("--resolution", type=int, default=None, help="render size (toy: 32, SD: 64)")
     parser.add_argument("--batch", type=int, default=None, help="cameras per step (toy: 2, SD: 1)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="random priors: auto (fp16 on CUDA, fp32 on CPU), float32, "
+                                                        "float16, bfloat16")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides, e.g. geometry.implementation=torch")
     args = parser.parse_args(argv)
     args.resolution = args.resolution or (32 if args.prior == "toy" else 64)
     args.batch = args.batch or (2 if args.prior == "toy" else 1)
-    results = [run(args, True), run(args, False)]
+    first = run(args, True)
+    gc.collect()  # the first run's prior is freed before the second one is built (IF-I-XL: 17 GB in fp32)
+    results = [first, run(args, False)]
     phases = list(PHASES)
     print(f"prior {args.prior}, B={args.batch}, {args.resolution}x{args.resolution} renders, {args.steps} timed steps "
           f"on {results[0]['device']} ({torch.get_num_threads()} threads; geometry {results[0]['geometry']}, "

@@ -29,3 +29,20 @@ def tiny_sd(tiny_sd_path):
     from perpneg3d.guidance.stable_diffusion import StableDiffusion
 
     return StableDiffusion(str(tiny_sd_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_if_path(tmp_path_factory) -> Path:
+    """A tiny random DeepFloyd IF stage I folder, built once per test session."""
+    from tiny_if import build_tiny_if
+
+    return build_tiny_if(tmp_path_factory.mktemp("tiny_if"))
+
+
+@pytest.fixture(scope="session")
+def tiny_if(tiny_if_path):
+    """The tiny IF loaded through perpneg3d's DeepFloydIF (the users' code path), without channels_last so
+    that its numbers equal diffusers' IFPipeline bit for bit."""
+    from perpneg3d.guidance.deepfloyd_if import DeepFloydIF
+
+    return DeepFloydIF(str(tiny_if_path), device="cpu", channels_last=False)

@@ -33,3 +33,14 @@ def compose_train(overrides: list[str], out_dir: Path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=list(overrides) + [f"out_dir={out_dir}"])
+
+
+def batched_and_single_eps(denoiser, x, t, texts):
+    """A denoiser's eps for len(texts) samples in one call, and the same samples called one at a time."""
+    import torch
+
+    emb = denoiser.embed(texts)
+    with torch.no_grad():
+        batched = denoiser.eps(x, t, emb)
+        single = torch.cat([denoiser.eps(x[i:i + 1], t[i:i + 1], emb[i:i + 1]) for i in range(len(texts))])
+    return batched, single

@@ -1,4 +1,4 @@
-"""CUDA-only checks (tiny-cuda-nn, nerfacc's marcher, fp16 Stable Diffusion). Run all: make test-gpu."""
+"""CUDA-only checks (tiny-cuda-nn, nerfacc's marcher, fp16 Stable Diffusion and DeepFloyd IF). Run all: make test-gpu."""
 import pytest
 import torch
 
@@ -47,6 +47,23 @@ def test_fp16_stable_diffusion_sds_on_cuda(tiny_sd_path):
     rgb = torch.rand(2, 32, 32, 3, device="cuda", requires_grad=True)
     prompts = ViewPrompts("a corgi").bind(sd)(torch.tensor([0.0, 150.0]), torch.tensor([10.0, 10.0]))
     out = ScoreDistillation(sd)(rgb, prompts, 0, torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.nonfinite == 0 and rgb.grad.abs().sum() > 0
+
+
+def test_fp16_deepfloyd_if_keeps_t5_off_the_gpu(tiny_if_path):
+    from perpneg3d.guidance.deepfloyd_if import DeepFloydIF
+    from perpneg3d.guidance.sds import ScoreDistillation
+    from perpneg3d.prompts import ViewPrompts
+
+    model = DeepFloydIF(str(tiny_if_path), device="cuda")
+    assert model.offload_text_encoder and next(model.unet.parameters()).device.type == "cuda"
+    bound = ViewPrompts("a corgi").bind(model)
+    assert next(model.text_encoder.parameters()).device.type == "cpu"  # embedded on the GPU, then moved back
+    prompts = bound(torch.tensor([0.0, 150.0]), torch.tensor([10.0, 10.0]))
+    assert prompts.text_emb.device.type == "cuda" and prompts.text_emb.dtype == torch.float16
+    rgb = torch.rand(2, 48, 48, 3, device="cuda", requires_grad=True)
+    out = ScoreDistillation(model, guidance_scale=20.0)(rgb, prompts, 0, torch.Generator("cuda").manual_seed(0))
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.nonfinite == 0 and rgb.grad.abs().sum() > 0
 

@@ -83,3 +83,14 @@ def test_benchmark_step_prints_phases():
                "guidance.denoiser.dataset.num_images=300", "geometry.n_levels=4", "geometry.log2_hashmap_size=12")
     assert "| Perp-Neg (K=2) |" in proc.stdout and "| plain (K=0) |" in proc.stdout
     assert "Perp-Neg / plain step time" in proc.stdout
+
+
+def test_sample_2d_with_guidance_if(tiny_if_path, tmp_path):
+    """The 2D sampler takes guidance=if like any prior: 32x32 pixel-space samples from the tiny IF."""
+    run("scripts/sample_2d.py", "guidance=if", f"guidance.denoiser.pretrained_model_name_or_path={tiny_if_path}",
+        "guidance.denoiser.device=cpu", "prompt=a corgi standing", "view=side", "num_samples=2", "batch_size=2",
+        "steps=3", f"out_dir={tmp_path}")
+    out = only_child(tmp_path)
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["0000.png", "0001.png"]
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert prompts["texts"] == ["", "a corgi standing, side view", "a corgi standing, front view", "a corgi standing, back view"]

@@ -4,6 +4,8 @@ import logging
 import pytest
 import torch
 
+from helpers import batched_and_single_eps
+
 from perpneg3d.errors import ModelNotFoundError
 from perpneg3d.guidance.ddim_sampler import sample
 from perpneg3d.guidance.denoiser import Denoiser
@@ -87,14 +89,10 @@ def test_unsupported_prediction_type_is_refused(tmp_path):
 
 
 def test_batched_unet_call_equals_per_prompt_calls(tiny_sd):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 4, 16, 16, generator=g)
-    t = torch.tensor([10, 500, 900])
-    emb = tiny_sd.embed(["", "a corgi, side view", "a corgi, front view"])
-    with torch.no_grad():
-        batched = tiny_sd.eps(x, t, emb)
-        single = torch.cat([tiny_sd.eps(x[i:i + 1], t[i:i + 1], emb[i:i + 1]) for i in range(3)])
-    assert torch.allclose(batched, single, atol=1e-5)
+    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    batched, single = batched_and_single_eps(tiny_sd, x, torch.tensor([10, 500, 900]),
+                                             ["", "a corgi, side view", "a corgi, front view"])
+    assert torch.allclose(batched, single, atol=1e-5) and not torch.allclose(batched[0], batched[1], atol=1e-3)
 
 
 def test_embedding_cache_and_order(tiny_sd):

@@ -7,12 +7,11 @@ text encoding is cached and never part of a step.
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from perpneg3d.devices import resolve_device
-from perpneg3d.guidance.stable_diffusion import StableDiffusion, resolve_dtype
+from perpneg3d.guidance.pretrained import random_text_embedding, resolve_dtype
+from perpneg3d.guidance.stable_diffusion import StableDiffusion
 
 # Stable Diffusion 2.1-base (sd2-community mirror): UNet, VAE and scheduler configs.
 SD21_UNET = dict(
@@ -62,9 +61,4 @@ class RandomStableDiffusion(StableDiffusion):
         self._finish_setup(**speed)
 
     def _encode_text(self, texts):
-        dim = int(self.unet.config.cross_attention_dim)
-        out = []
-        for text in texts:
-            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-            out.append(torch.randn(77, dim, generator=torch.Generator().manual_seed(seed)))
-        return torch.stack(out).to(self.device, self.dtype)
+        return random_text_embedding(texts, 77, int(self.unet.config.cross_attention_dim)).to(self.device, self.dtype)

