@@ -110,17 +110,21 @@ def markdown(rows: list[dict], summ: list[dict], baseline: str | None) -> str:
     return "\n".join(lines)
 
 
+MONTAGE_AZIMUTHS = (0.0, 90.0, 180.0, -90.0)  # front, one side, back, the other side (elevation 15)
+
+
 def montage(rows: list[dict], methods: list[str], path: Path) -> None:
-    """Rows: for each method, its runs seen from azimuth 0 then 180 (elevation 15); columns: the runs."""
+    """Four rows per method, its runs seen from azimuth 0, 90, 180 and -90 (elevation 15); a column per run."""
     tiles = []
+    azimuth = torch.tensor(MONTAGE_AZIMUTHS)
     for m in methods:
         renders = []
         for r in (r for r in rows if r["method"] == m):
             cfg, geometry, renderer, cameras, _, _ = load_run(r["run"])
             res = cfg.guidance.denoiser.get("dataset", {}).get("resolution", 64)
-            renders.append(render_rgb(geometry, renderer, torch.tensor([0.0, 180.0]), torch.tensor([15.0, 15.0]),
+            renders.append(render_rgb(geometry, renderer, azimuth, torch.full_like(azimuth, 15.0),
                                       *cameras.middle(), res))
-        tiles += [torch.stack([x[0] for x in renders]), torch.stack([x[1] for x in renders])]
+        tiles += [torch.stack([x[i] for x in renders]) for i in range(len(MONTAGE_AZIMUTHS))]
     ncol = tiles[0].shape[0]
     save_png(make_grid(torch.cat(tiles), nrow=ncol, upscale=max(1, 32 // tiles[0].shape[-1])), path)
 

@@ -45,10 +45,13 @@ def test_tiny_benchmark_writes_its_tables_and_reuses_finished_runs(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     assert [(r["method"], r["seed"]) for r in rows] == [("plain", "0"), ("plain", "1"), ("perpneg", "0"), ("perpneg", "1")]
     assert all(Path(r["run"]).is_dir() and (Path(r["run"]) / "janus_strip.png").is_file() for r in rows)
-    assert (tmp_path / "montage.png").is_file()
+    import imageio.v3 as iio
+
+    height, width = iio.imread(tmp_path / "montage.png").shape[:2]
+    assert (height - 2) * 2 == (width - 2) * 8  # square tiles: 4 azimuths x 2 methods rows, 2 runs columns
     table = (tmp_path / "bench.md").read_text().splitlines()
     free = sum(r["janus_free"] == "True" for r in rows if r["method"] == "perpneg")
-    assert table[2].startswith(f"| plain | ") and table[3].startswith(f"| perpneg | {free}/2 (")
+    assert table[2].startswith("| plain | ") and table[3].startswith(f"| perpneg | {free}/2 (")
     again = subprocess.run(args, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("all 2 runs reused") == 2
