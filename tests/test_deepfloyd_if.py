@@ -132,15 +132,16 @@ def test_gated_hub_id_offline_is_one_clear_line(monkeypatch):
     assert "\n" not in msg and "offline" in msg and "licence" in msg and "HF_TOKEN" in msg
 
 
-def test_train_with_guidance_if_on_the_tiny_model(tiny_if_path, tmp_path):
-    """guidance=if is one config file: the trainer, prompts and Perp-Neg run it unchanged."""
+@pytest.mark.parametrize("prompts", ["perpneg", "stable_dreamfusion", "plain"])
+def test_train_with_guidance_if_on_the_tiny_model(prompts, tiny_if_path, tmp_path):
+    """guidance=if is one config file: the trainer, every prompts option and Perp-Neg run it unchanged."""
     from helpers import compose_train
 
     from perpneg3d.training.run import train
 
     run_dir = train(compose_train([
         "guidance=if", f"guidance.denoiser.pretrained_model_name_or_path={tiny_if_path}", "guidance.denoiser.device=cpu",
-        "prompt=a corgi standing", "geometry.n_levels=4", "geometry.log2_hashmap_size=12",
+        f"prompts={prompts}", "prompt=a corgi standing", "geometry.n_levels=4", "geometry.log2_hashmap_size=12",
         "geometry.finest_resolution=64", "renderer.num_samples_per_ray=16", "cameras.heights=[16]",
         "cameras.widths=[16]", "cameras.batch_size=2", "trainer.max_steps=3", "trainer.val_every=3",
         "trainer.val_resolution=16", "trainer.turntable_frames=4", "trainer.turntable_resolution=16",

@@ -46,7 +46,7 @@ IF_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2
 
 def _missing_model_message(name: str, reason: str) -> str:
     page = IF_I_XL if looks_like_path(name) else name
-    return (f"cannot load DeepFloyd IF '{name}'{offline_note()}: {reason}. IF is gated: accept its licence at "
+    return (f"cannot load DeepFloyd IF '{name}'{offline_note()}: {reason.rstrip('.')}. IF is gated: accept its licence at "
             f"https://huggingface.co/{page} and log in (huggingface-cli login or HF_TOKEN), or use a local diffusers "
             "folder: guidance.denoiser.pretrained_model_name_or_path=/path/to/folder")
 

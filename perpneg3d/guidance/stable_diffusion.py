@@ -16,7 +16,7 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 def _missing_model_message(name: str, reason: str) -> str:
     return (
-        f"cannot load Stable Diffusion '{name}'{offline_note()}: {reason}. Use a mirror "
+        f"cannot load Stable Diffusion '{name}'{offline_note()}: {reason.rstrip('.')}. Use a mirror "
         f"({SD21_BASE} or {SD15}) or a local diffusers folder: "
         "guidance.denoiser.pretrained_model_name_or_path=/path/to/folder; for offline use without weights, guidance=toy"
     )
