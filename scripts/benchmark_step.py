@@ -12,7 +12,6 @@ process peak RSS). Speed does not depend on the weights, so random ones measure 
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 
 import torch
@@ -23,16 +22,20 @@ from perpneg3d.guidance.random_sd import RandomStableDiffusion
 from perpneg3d.training.step_benchmark import PHASES, build_setup, measure
 
 
-def run(args, perp_neg: bool) -> dict:
+def random_prior(args):
+    """The full-size random prior both runs share (built once: IF-I-XL takes 17 GB and a minute in fp32), or None."""
+    if args.prior == "sd21-random":
+        return RandomStableDiffusion("sd21", args.device, torch_dtype=args.dtype)
+    if args.prior == "if-random":
+        return RandomDeepFloydIF(args.device, torch_dtype=args.dtype)
+    return None
+
+
+def run(args, perp_neg: bool, denoiser) -> dict:
     overrides = [f"prompts.perp_neg={str(perp_neg).lower()}", "trainer.progress=false"]
     if args.prior == "toy":
         overrides.append("experiment=toy")
     overrides += [f"cameras.batch_size={args.batch}", f"cameras.heights=[{args.resolution}]", f"cameras.widths=[{args.resolution}]"]
-    denoiser = None
-    if args.prior == "sd21-random":
-        denoiser = RandomStableDiffusion("sd21", args.device, torch_dtype=args.dtype)
-    elif args.prior == "if-random":
-        denoiser = RandomDeepFloydIF(args.device, torch_dtype=args.dtype)
     result = measure(build_setup(overrides + args.overrides, denoiser), args.steps, args.warmup)
     result["peak_mb"] = result.get("peak_allocated_mb", result.get("peak_rss_mb"))
     return dict(result, perp_neg=perp_neg)
@@ -54,9 +57,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.resolution = args.resolution or (32 if args.prior == "toy" else 64)
     args.batch = args.batch or (2 if args.prior == "toy" else 1)
-    first = run(args, True)
-    gc.collect()  # the first run's prior is freed before the second one is built (IF-I-XL: 17 GB in fp32)
-    results = [first, run(args, False)]
+    denoiser = random_prior(args)
+    results = [run(args, True, denoiser), run(args, False, denoiser)]
     phases = list(PHASES)
     print(f"prior {args.prior}, B={args.batch}, {args.resolution}x{args.resolution} renders, {args.steps} timed steps "
           f"on {results[0]['device']} ({torch.get_num_threads()} threads; geometry {results[0]['geometry']}, "

@@ -36,8 +36,12 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
 
 
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
 def offline_note() -> str:
-    return " (offline mode: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    return " (offline mode: HF_HUB_OFFLINE=1)" if hub_offline() else ""
 
 
 def model_source(name: str, local_files_only: bool | None) -> tuple[str, bool, str | None]:
@@ -47,7 +51,7 @@ def model_source(name: str, local_files_only: bool | None) -> tuple[str, bool, s
     if looks_like_path(name) and not Path(name).expanduser().is_dir():
         return name, True, "no such folder"
     if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE") == "1"
+        local_files_only = hub_offline()
     return (str(Path(name).expanduser()) if looks_like_path(name) else name), local_files_only, None
 
 
