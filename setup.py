@@ -32,6 +32,7 @@ setup(
         "tensorboard",
         "tqdm",
         "pydantic>=2",             # option types and ranges (perpneg3d/validation.py)
+        "psutil",                  # free memory, checked before an export (perpneg3d/export/mesh.py)
     ],
     extras_require={
         # clip-anytorch (the real CLIP BPE vocabulary for the tiny test pipeline) is installed

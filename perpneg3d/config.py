@@ -1,6 +1,7 @@
 """Hydra glue: one-line errors for bad overrides and bad constructor keys, and the script entry point."""
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
 import re
@@ -48,23 +49,70 @@ def explain_compose_error(err: Exception) -> str:
     return text.strip().splitlines()[0]
 
 
+def parse_command_line(argv: list[str]):
+    """Hydra's own reading of a command line (its argparse parser): flags such as `--cfg job` or
+    `-cn train` with their values, and the overrides. None when Hydra itself will refuse the line
+    (it then prints its own usage error)."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except (argparse.ArgumentError, SystemExit):
+        return None
+    return None if unknown else args
+
+
 def check_overrides(config_name: str, overrides: list[str]) -> None:
-    """Compose the config once with the command line; raise ConfigError with one line if it fails."""
+    """Compose the config once with the command line (Hydra flags and their values are read as Hydra
+    reads them); raise ConfigError with one line if it fails."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    args = [a for a in overrides if not a.startswith("-")]
+    args = parse_command_line(overrides)
+    if args is None or args.config_path or args.config_dir:
+        return  # Hydra reports a malformed line itself; another config folder is the user's to compose
     try:
-        args = _first_of_sweeps(args)
+        overrides = _first_of_sweeps(resume_overrides(args.overrides))
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            compose(config_name, overrides=args, return_hydra_config=True)
+            compose(args.config_name or config_name, overrides=overrides, return_hydra_config=True)
     except PerpNegError:
         raise
     except Exception as err:  # Hydra raises several unrelated classes for user typos
         raise ConfigError(explain_compose_error(err)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def resume_overrides(overrides: list[str]) -> list[str]:
+    """With resume=<run>, a plain `key=value` whose key the run's own config.yaml has becomes
+    `++key=value`, so that Hydra accepts keys the default config lacks (a toy run's
+    guidance.denoiser.chunk_size); resume_config then checks it against the run's values. Other
+    lines are returned unchanged (a typo stays an unknown key)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from perpneg3d.training.checkpoint import run_dir_of
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    resume = [p.value() for p in parsed if p.key_or_group == "resume" and p.value()]
+    saved_path = run_dir_of(str(resume[-1])) / "config.yaml" if resume else None
+    if saved_path is None or not saved_path.is_file():
+        return list(overrides)
+    saved = OmegaConf.load(saved_path)
+    out = []
+    for text, p in zip(overrides, parsed):
+        plain = not (p.is_add() or p.is_delete() or p.is_force_add() or p.is_sweep_override()) and "=" in text
+        if plain and "/" not in p.key_or_group and p.key_or_group != "resume" and \
+                OmegaConf.select(saved, p.key_or_group, default=_MISSING) is not _MISSING:
+            text = "++" + text
+        out.append(text)
+    return out
+
+
+_MISSING = object()
 
 
 def compose_config(config_name: str, overrides: list[str]):
@@ -123,10 +171,12 @@ def run_script(config_name: str, fn: Callable) -> None:
     quiet_schema_warning()
     with reported_errors():
         check_overrides(config_name, sys.argv[1:])
-    if "-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]:  # jobs that run at once share the cores (threads.py)
+        sys.argv[1:] = _with_resume_overrides(sys.argv[1:])
+    args = parse_command_line(sys.argv[1:])
+    if args is not None and args.multirun:  # jobs that run at once share the cores (threads.py)
         from perpneg3d.threads import SWEEP_JOBS_ENV, count_sweep_jobs
 
-        os.environ[SWEEP_JOBS_ENV] = str(count_sweep_jobs(sys.argv[1:]))
+        os.environ[SWEEP_JOBS_ENV] = str(count_sweep_jobs(args.overrides))
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
     def _main(cfg):
@@ -135,3 +185,12 @@ def run_script(config_name: str, fn: Callable) -> None:
 
     with reported_errors():  # Ctrl-C while Hydra itself starts or launches jobs
         _main()
+
+
+def _with_resume_overrides(argv: list[str]) -> list[str]:
+    """argv with its overrides passed through resume_overrides, flags left where they were."""
+    args = parse_command_line(argv)
+    if args is None or not args.overrides:
+        return argv
+    rewritten = dict(zip(args.overrides, resume_overrides(args.overrides)))
+    return [rewritten.get(a, a) for a in argv]

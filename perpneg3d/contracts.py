@@ -44,6 +44,15 @@ class Denoiser(Protocol):
 
 
 @runtime_checkable
+class SamplesLatents(Protocol):
+    """A denoiser whose encoder samples (a VAE's posterior): SDS passes the run's device generator,
+    so a resumed run draws the same latents as an uninterrupted one."""
+
+    def encode_sample(self, rgb: Tensor, generator: torch.Generator) -> Tensor:
+        """As encode(), drawing the posterior sample from `generator`."""
+
+
+@runtime_checkable
 class OnDevice(Protocol):
     """A denoiser that runs on a given device (the trainer puts the field there); else the CPU."""
 

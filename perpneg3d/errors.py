@@ -25,6 +25,14 @@ class OutputDirError(PerpNegError):
     """The output folder cannot be created or written."""
 
 
+class ExportError(ConfigError):
+    """A mesh export cannot run or failed; `overrides` are the export.* settings that would fix it."""
+
+    def __init__(self, message: str, overrides: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.overrides = tuple(overrides)
+
+
 class NumericalError(PerpNegError):
     """Training produced non-finite values for too many consecutive steps."""
 

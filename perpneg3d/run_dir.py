@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import os
 from pathlib import Path
 
@@ -38,3 +39,52 @@ def new_run_dir(base: str | Path, timestamp: str | None = None) -> Path:
         except FileExistsError:
             continue
     raise OutputDirError(f"could not find a free run folder under {base}")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader (or a kill at any moment) sees the old file or the
+    whole new one, never a truncated one: temporary file, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLock:
+    """One process at a time per run folder: an exclusive flock on <run>/.lock, held until release()
+    (or the process's end, whatever kills it, so a requeued job never finds a stale lock)."""
+
+    def __init__(self):
+        self._file = None
+
+    def acquire(self, run_dir: Path) -> None:
+        path = Path(run_dir) / ".lock"
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise OutputDirError(f"run folder {run_dir} is in use by another process (pid {holder}): wait for it to "
+                                 "end or stop it, then resume") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self.release()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

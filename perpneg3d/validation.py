@@ -53,7 +53,17 @@ def _ramp(value):
     return tuple(float(v) for v in value)
 
 
+def _positive_ramp(value):
+    """A ramp (above) whose values are all positive (an elementwise clip bound, for one)."""
+    value = _ramp(value)
+    if min(value[1:3] if isinstance(value, tuple) else (value,)) <= 0:
+        raise ValueError("must be positive (every value of a ramp)")
+    return value
+
+
 RampValue = Annotated[object, PlainValidator(_ramp)]
+PositiveRampValue = Annotated[object, PlainValidator(_positive_ramp)]
+OpenProbability = Annotated[float, Field(ge=0, lt=1)]  # Adam's betas: 1 would divide by zero
 UnitRange = Annotated[tuple[Unit, Unit], AfterValidator(_ordered)]
 PositiveRange = Annotated[tuple[PositiveFloat, PositiveFloat], AfterValidator(_ordered)]
 NonNegativeRange = Annotated[tuple[NonNegativeFloat, NonNegativeFloat], AfterValidator(_ordered)]

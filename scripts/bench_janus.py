@@ -22,10 +22,11 @@ import torch
 from omegaconf import OmegaConf
 from scipy.stats import binomtest
 
-from perpneg3d.config import run_script
+from perpneg3d.config import compose_config, run_script
 from perpneg3d.errors import ConfigError, require
 from perpneg3d.images import make_grid, save_png
 from perpneg3d.renderer.orbit import render_rgb
+from perpneg3d.training.resume_config import is_safe, leaves
 from perpneg3d.training.run_loading import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,26 @@ def launch(out: Path, method: str, obj: str, seeds: list[int], overrides: list[s
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["?"])[-1]
         raise ConfigError(f"the {method} runs of '{obj}' failed ({tail}): see {sweep}")
+
+
+def run_overrides(obj: str, seed: int, overrides: list[str]) -> list[str]:
+    """The train.py overrides of one benchmark run (launch() gives the same, as a sweep)."""
+    return [f"seed={seed}", f'prompt="a toy {obj}"', *overrides]
+
+
+def check_reusable(folder: Path, method: str, overrides: list[str]) -> None:
+    """A run folder left by an earlier benchmark is reused (finished) or resumed (interrupted) only if
+    it was made with what the method now asks for; else ConfigError naming the first difference."""
+    saved_path = folder / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = leaves(OmegaConf.load(saved_path))
+    wanted = leaves(compose_config("train", overrides))
+    changed = sorted(k for k, v in wanted.items() if k in saved and saved[k] != v and not is_safe(k))
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"{folder} was trained with {k}={saved[k]!r}, but method {method} now sets {k}={wanted[k]!r}: "
+                          f"move or delete that folder, or use another out_dir")
 
 
 def row(out: Path, method: str, obj: str, seed: int) -> dict:
@@ -140,11 +161,18 @@ def main(cfg) -> None:
     objects, seeds = list(cfg.objects), [int(s) for s in cfg.seeds]
     for m in methods:
         for obj in objects:
+            overrides = list(cfg.overrides) + list(cfg.method_overrides[m])
+            for s in seeds:
+                check_reusable(run_dir(out, m, obj, s), m, run_overrides(obj, s, overrides))
             missing = [s for s in seeds if not (run_dir(out, m, obj, s) / "metrics.json").is_file()]
             if missing:
-                launch(out, m, obj, missing, list(cfg.overrides) + list(cfg.method_overrides[m]), cfg.launcher)
+                launch(out, m, obj, missing, overrides, cfg.launcher)
             else:
                 print(f"{m} / {obj}: all {len(seeds)} runs reused", flush=True)
+            unfinished = [s for s in missing if not (run_dir(out, m, obj, s) / "metrics.json").is_file()]
+            require(not unfinished, f"the {m} runs of '{obj}' with seeds {unfinished} did not finish (no metrics.json in "
+                                    f"{run_dir(out, m, obj, unfinished[0]) if unfinished else ''}): see the job logs "
+                                    f"under {out / m / obj}, then re-run the benchmark to resume them")
     rows = [row(out, m, obj, s) for m in methods for obj in objects for s in seeds]
     baseline = cfg.baseline if cfg.baseline in methods else None
     summ = summary(rows, methods, baseline)

@@ -55,3 +55,21 @@ def test_tiny_benchmark_writes_its_tables_and_reuses_finished_runs(tmp_path):
     again = subprocess.run(args, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("all 2 runs reused") == 2
+
+
+def test_a_run_made_with_other_method_overrides_is_not_reused(tmp_path):
+    """A finished run is reused only if its config.yaml is what the method asks for now."""
+    from omegaconf import OmegaConf
+
+    from perpneg3d.config import compose_config
+    from perpneg3d.errors import ConfigError
+
+    folder = tmp_path / "perpneg_x2" / "dog" / "0"
+    folder.mkdir(parents=True)
+    made = bench.run_overrides("dog", 0, ["experiment=toy", "guidance.neg_gain=1"])
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(compose_config("train", made), resolve=True))
+    bench.check_reusable(folder, "perpneg_x2", made + ["trainer.progress=false"])  # a safe key may differ
+    with pytest.raises(ConfigError) as err:
+        bench.check_reusable(folder, "perpneg_x2", bench.run_overrides("dog", 0, ["experiment=toy", "guidance.neg_gain=2"]))
+    assert str(err.value) == (f"{folder} was trained with guidance.neg_gain=1, but method perpneg_x2 now sets "
+                              "guidance.neg_gain=2: move or delete that folder, or use another out_dir")

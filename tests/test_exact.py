@@ -58,16 +58,34 @@ def test_sds_gradient_is_w_t_times_eps_hat_minus_noise_over_b():
 
 
 def test_guided_eps_splits_blocks_by_content():
-    """[uncond | pos | neg_1 | neg_2]: each block's rows must reach its own slot of combine."""
+    """[uncond | pos | neg_1 | neg_2], each block the B samples in order: every row must reach its own
+    block and sample. Values differ across samples too, so a sample-major reading
+    [u_0, p_0, n1_0, n2_0, u_1, ...] of the same rows gives other numbers."""
     den, batch = LinearDenoiser(), 2
     x_t = torch.zeros(batch, 1, 1, 1)
-    rows = torch.tensor([[1.0], [1.0], [3.0], [3.0], [5.0], [5.0], [11.0], [11.0]])  # u=1, pos=3, n1=5, n2=11
+    rows = torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [11.0], [13.0]])  # u=(1,2) pos=(3,4) n1=(5,6) n2=(11,13)
     w = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     out = guided_eps(den, x_t, torch.zeros(batch, dtype=torch.long), rows, w, 2.0, "cebm")
-    # cebm: u + s (d_pos - sum_k w_k d_k), d_pos = 2, d_1 = 4, d_2 = 10
-    assert out.flatten().tolist() == [1 + 2 * (2 - 4), 1 + 2 * (2 - 2 * 10)]
+    # cebm: u + s (d_pos - sum_k w_k d_k); sample 0: u=1, d_pos=2, d_1=4, d_2=10; sample 1: u=2, d_pos=2, d_1=4, d_2=11
+    assert out.flatten().tolist() == [1 + 2 * (2 - 1 * 4), 2 + 2 * (2 - 2 * 11)]
     swapped = guided_eps(den, x_t, torch.zeros(batch, dtype=torch.long), rows[[0, 1, 2, 3, 6, 7, 4, 5]], w, 2.0, "cebm")
-    assert swapped.flatten().tolist() == [1 + 2 * (2 - 10), 1 + 2 * (2 - 2 * 4)]
+    assert swapped.flatten().tolist() == [1 + 2 * (2 - 1 * 10), 2 + 2 * (2 - 2 * 4)]
+
+
+def test_guided_eps_repeats_t_block_wise():
+    """Each block's row b is sample b, so it must get t_b: t is tiled ([t_0, t_1, t_0, t_1, ...]), not
+    interleaved. eps = x_t * t / 1000 + c: the unconditional part carries each sample's own t."""
+
+    class TimeDenoiser(LinearDenoiser):
+        def eps(self, x_t, t, text_emb):
+            return x_t * t.view(-1, 1, 1, 1).float() / 1000 + text_emb[:, :1, None, None]
+
+    x_t = torch.tensor([1.0, 10.0]).view(2, 1, 1, 1)
+    t = torch.tensor([100, 700])
+    rows = torch.tensor([[0.0], [0.0], [1.0], [3.0]])  # u=(0,0) pos=(1,3)
+    out = guided_eps(TimeDenoiser(), x_t, t, rows, None, 2.0, "cfg")
+    # u_b = x_b t_b / 1000; d_pos = c_pos (the x t terms cancel): 1*0.1 + 2*1, 10*0.7 + 2*3
+    assert out.flatten().tolist() == pytest.approx([0.1 + 2.0, 7.0 + 6.0])
 
 
 def test_view_prompt_blocks_hold_the_right_embeddings():

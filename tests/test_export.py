@@ -167,12 +167,37 @@ def test_unplaced_slivers_become_points_in_uv():
 def test_memory_estimate_refuses_with_a_setting_that_fits():
     need_512 = estimate_peak_bytes(512, "uv", 1024)
     assert need_512 == (1 << 30) + 28 * 513 ** 3 + 1024 ** 2 * 48 + (1 << 22) * 100
-    check_memory(512, "uv", 1024, available=need_512)  # exactly enough: no error
-    with pytest.raises(ConfigError, match=r"^export.resolution=512 needs about 5.0 GB of memory and 4.0 GB is "
-                                          r"available: use export.resolution=384 \(about 2.9 GB\)$"):
-        check_memory(512, "uv", 1024, available=4 << 30)
+    check_memory(512, "uv", 1024, available=need_512 - (1 << 30))  # exactly what the export adds: no error
+    with pytest.raises(ConfigError, match=r"^export.resolution=512 with texture=uv texture_size=1024 needs about 4.0 GB "
+                                          r"more memory and 3.0 GB is free: use export.resolution=384 \(about 1.9 GB\)$"):
+        check_memory(512, "uv", 1024, available=3 << 30)
     with pytest.raises(ConfigError, match="free memory or export on a larger machine"):
         check_memory(512, "uv", 1024, available=1 << 20)
+
+
+def test_memory_estimate_against_a_measured_export(tmp_path):
+    """What the estimate says an export adds to its process (estimate - BASE_BYTES), against the peak
+    RSS an export of a 256^3 grid really adds, measured in a fresh process: it must not be below the
+    measurement (the check would let a too-large export start) nor far above it (it would refuse
+    exports that fit)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import subprocess_env
+    from perpneg3d.export.mesh import BASE_BYTES
+
+    code = ("import resource, sys; from pathlib import Path; from test_export import SnoutedBlob; "
+            "from perpneg3d.export import MeshExporter; before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "MeshExporter(formats=['ply'], resolution=256)(SnoutedBlob(), Path(sys.argv[1])); "
+            "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=Path(__file__).parent, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before_kb, peak_kb = map(int, done.stdout.split()[-2:])
+    added = (peak_kb - before_kb) * 1024
+    estimated = estimate_peak_bytes(256, "vertex") - BASE_BYTES
+    assert added <= estimated <= 1.5 * added, (added / 2**20, estimated / 2**20)
 
 
 def test_uv_export_decimates_to_uv_max_faces(tmp_path):

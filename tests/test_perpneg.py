@@ -153,7 +153,13 @@ def test_gain_through_guided_eps_equals_scaled_weights():
     x, t, emb = torch.randn(2, 4), torch.tensor([300, 800]), torch.randn(8, 5)
     w = torch.tensor([[0.5, 1.0], [2.0, 0.0]])
     run = lambda weights, **kw: guided_eps(Linear(), x, t, emb, weights, 7.5, "perpneg", **kw)  # noqa: E731
-    assert torch.equal(run(w, neg_gain=1.0), run(w))
+    # gain 1 is the paper's Perp-Neg, written out: u + s (d_pos - sum_k w_k perp(d_k, d_pos)) per sample
+    eps = Linear().eps(x.repeat(4, 1), t.repeat(4), emb)
+    u, pos, negs = eps[:2], eps[2:4], eps[4:].view(2, 2, 4).transpose(0, 1)  # negs [B, K, 4]
+    d_pos, d_neg = pos - u, negs - u.unsqueeze(1)
+    perp = d_neg - (d_neg * d_pos.unsqueeze(1)).sum(-1, keepdim=True) / (d_pos ** 2).sum(-1).view(2, 1, 1) * d_pos.unsqueeze(1)
+    paper = u + 7.5 * (d_pos - (w.unsqueeze(-1) * perp).sum(1))
+    assert torch.allclose(run(w, neg_gain=1.0), paper, atol=1e-5)
     assert torch.allclose(run(w, neg_gain=2.0), run(w * 2))
     assert not torch.allclose(run(w, neg_gain=2.0), run(w), atol=1e-3)
     # with the ramp [0.2, 0.6]: t=300 -> f = 0.25, t=800 -> f = 1; gain 2 gives factors 0.5 and 2
@@ -163,7 +169,12 @@ def test_gain_through_guided_eps_equals_scaled_weights():
 def test_adaptive_weights_reduce_to_perpneg_when_off_and_scale_by_hand():
     u, p, n, w = random_case()
     plain = combine(u, p, n, w, 7.5, "perpneg")
-    assert torch.equal(combine(u, p, n, w, 7.5, "perpneg", neg_factor=None, alignment=False), plain)
+    # off means the paper's formula, written out here per sample over all non-batch dims
+    d_pos, d_neg = (p - u).flatten(1), (n - u.unsqueeze(1)).flatten(2)
+    coef = (d_neg * d_pos.unsqueeze(1)).sum(-1) / (d_pos ** 2).sum(-1, keepdim=True)
+    perp = d_neg - coef.unsqueeze(-1) * d_pos.unsqueeze(1)
+    paper = (u.flatten(1) + 7.5 * (d_pos - (w.unsqueeze(-1) * perp).sum(1))).view_as(u)
+    assert torch.allclose(combine(u, p, n, w, 7.5, "perpneg", neg_factor=None, alignment=False), paper, atol=1e-4)
     assert torch.allclose(combine(u, p, n, w, 7.5, "perpneg", neg_factor=torch.ones(3)), plain)
     # neg_factor 0: no negatives at all (plain CFG); 0.5: the same as halving the weights
     assert torch.allclose(combine(u, p, n, w, 7.5, "perpneg", neg_factor=torch.zeros(3)), combine(u, p, None, None, 7.5, "cfg"))

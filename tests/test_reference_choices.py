@@ -18,8 +18,15 @@ def test_stable_diffusion_defaults_match_threestudio(tmp_path):
     assert dict(cfg.trainer.learning_rates) == {"geometry.encoding": 0.01, "geometry.density_mlp": 0.01,
                                                 "geometry.albedo_mlp": 0.01, "renderer.background": 0.001}
     assert cfg.renderer.material.albedo_ratio == 0.25 and cfg.cameras.elevation_sphere_prob == 0.5
-    # 16 levels from 16 to 4096: threestudio's per_level_scale
-    assert (4096 / 16) ** (1 / 15) == pytest.approx(1.447269237440378, rel=1e-9)
+    # the encoding built from these keys: 16 levels from 16 to 4096, threestudio's per_level_scale
+    from perpneg3d.geometry.hash_grid import HashGridEncoding
+
+    grid = HashGridEncoding(n_levels=cfg.geometry.n_levels, base_resolution=cfg.geometry.base_resolution,
+                            finest_resolution=cfg.geometry.finest_resolution, log2_hashmap_size=12,
+                            implementation="torch").encoding
+    scales = grid.scales + 1  # level l's grid resolution: base * b^l
+    assert scales[0].item() == pytest.approx(16) and scales[-1].item() == pytest.approx(4096, rel=1e-5)
+    assert (scales[1] / scales[0]).item() == pytest.approx(1.447269237440378, rel=1e-6)
 
 
 def test_toy_preset_keeps_its_measured_choices(tmp_path):

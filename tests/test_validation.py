@@ -40,6 +40,36 @@ CATALOGUE = [
     ("guidance.denoiser.text_encoder.dim=0", "guidance.denoiser.text_encoder.dim=0: must be greater than or equal to 1"),
     ("export.resolution=4", "export.resolution=4: must be greater than or equal to 8"),
     ("export.min_component_ratio=2", "export.min_component_ratio=2: must be less than or equal to 1"),
+    # issue 19: options that were accepted and did nothing or harm
+    ("guidance.grad_clip=-1", "guidance.grad_clip=-1: must be positive (every value of a ramp)"),
+    ("guidance.grad_clip=[0,1,-2,100]", "guidance.grad_clip=[0, 1, -2, 100]: must be positive (every value of a ramp)"),
+    ("trainer.betas=[1.0,0.99]", "trainer.betas[0]=1.0: must be less than 1"),
+    ("guidance.min_step_percent=[0,0.1,0.9,100] guidance.max_step_percent=[0,0.5,0.95,2000]",
+     "guidance.min_step_percent=[0, 0.1, 0.9, 100] and max_step_percent=[0, 0.5, 0.95, 2000] cross at step 100 "
+     "(min 0.9 > max 0.522): choose ramps with min <= max at every step"),
+    ("guidance.min_step_percent=0.9 guidance.max_step_percent=0.5",
+     "guidance.min_step_percent=0.9 and max_step_percent=0.5 cross at step 0 (min 0.9 > max 0.5): choose ramps with "
+     "min <= max at every step"),
+    ("guidance.max_step_percent=1.5", "guidance.min_step_percent=[0, 0.6, 0.02, 600] and max_step_percent=1.5 leave "
+                                      "[0, 1] at step 0 (min 0.6, max 1.5): use fractions of the training timesteps"),
+    ("guidance.mode=cfg", "guidance.neg_gain=2.0 has no effect with guidance.mode=cfg: it weights the negatives, which "
+                          "only perpneg and cebm subtract; remove it or use mode=perpneg"),
+    ("guidance.mode=negprompt guidance.neg_gain=1 guidance.neg_alignment=true",
+     "guidance.neg_alignment=True has no effect with guidance.mode=negprompt: it weights the negatives, which only "
+     "perpneg and cebm subtract; remove it or use mode=perpneg"),
+    ("guidance.mode=cfg guidance.neg_gain=1 guidance.neg_time_ramp=[0.2,0.6]",
+     "guidance.neg_time_ramp=[0.2, 0.6] has no effect with guidance.mode=cfg: it weights the negatives, which only "
+     "perpneg and cebm subtract; remove it or use mode=perpneg"),
+    ("guidance.mode=perp", "guidance.mode='perp' is unknown: use one of cfg, negprompt, cebm, perpneg"),
+    ("guidance.weighting=snr", "guidance.weighting='snr' is unknown: use sds or uniform"),
+    ("guidance.neg_time_ramp=[0.6,0.2]", "guidance.neg_time_ramp=[0.6, 0.2]: the first value must not exceed the "
+                                         "second (use [0.2, 0.6])"),
+    ("trainer.eps=0", "trainer.eps=0: must be greater than 0"),
+    ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints=0: must be greater than or equal to 1"),
+    ("trainer.turntable_elevation=100", "trainer.turntable_elevation=100: must be less than or equal to 90"),
+    ("renderer.chunk_rays=0", "renderer.chunk_rays=0: must be greater than or equal to 1"),
+    ("cameras.distance_range=[0,1]", "cameras.distance_range[0]=0: must be greater than 0"),
+    ("prompts.overhead_min_deg=100", "prompts.overhead_min_deg=100: must be less than or equal to 90"),
     ("seed=0.5", "seed=0.5 must be an integer"),
     ("threads=0", "threads=0: use auto or a positive integer"),
 ]
@@ -48,8 +78,24 @@ CATALOGUE = [
 @pytest.mark.parametrize("override, message", CATALOGUE)
 def test_bad_values_are_one_line(override, message, tmp_path):
     with pytest.raises(PerpNegError) as err:
-        train(compose_train(TINY_TOY + [override], tmp_path))
+        train(compose_train(TINY_TOY + override.split(" "), tmp_path))
     assert str(err.value) == message
+
+
+# Values that look like mistakes but are valid, built as the component (success is the assertion).
+ACCEPTED = [
+    ("guidance", "guidance.min_step_percent=0.5 guidance.max_step_percent=0.5"),  # one fixed t, as threestudio allows
+    ("guidance", "guidance.min_step_percent=[0,0.1,0.5,100] guidance.max_step_percent=[0,0.5,0.5,2000]"),  # touch, not cross
+    ("guidance", "guidance.mode=cfg guidance.neg_gain=1"),
+    ("guidance", "guidance.grad_clip=[0,2,8,1000]"),
+    ("trainer", "trainer.betas=[0.0,0.999]"),
+]
+
+
+@pytest.mark.parametrize("group, overrides", ACCEPTED)
+def test_valid_edge_values_are_accepted(group, overrides, tmp_path):
+    cfg = compose_train(TINY_TOY + overrides.split(" "), tmp_path)
+    instantiate(cfg[group])
 
 
 def targets(node, path=""):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from perpneg3d.errors import ConfigError, require
+from perpneg3d.errors import ConfigError, ExportError, require
 from perpneg3d.export.extraction import (
     clean_mesh,
     marching_cubes,
@@ -55,20 +55,27 @@ def estimate_peak_bytes(resolution: int, texture: str = "vertex", texture_size: 
 
 
 def check_memory(resolution: int, texture: str, texture_size: int, available: int | None = None) -> None:
-    """ConfigError (one line, with a setting that fits) when the estimate exceeds the free memory."""
+    """ExportError (one line, with the setting that fits) when the export would need more memory than
+    is free. The estimate is the export's peak RSS, BASE_BYTES of it the process's own footprint,
+    which is already allocated and so not part of `available` (the free memory)."""
     if available is None:
         import psutil
 
         available = psutil.virtual_memory().available
-    need = estimate_peak_bytes(resolution, texture, texture_size)
+    need = estimate_peak_bytes(resolution, texture, texture_size) - BASE_BYTES
     if need <= available:
         return
-    smaller = [r for r in (512, 384, 256, 192, 128, 96, 64) if r < resolution
-               and estimate_peak_bytes(r, texture, texture_size) <= available]
-    fix = (f"use export.resolution={smaller[0]} (about {estimate_peak_bytes(smaller[0], texture, texture_size) / 2**30:.1f} GB)"
-           if smaller else "free memory or export on a larger machine")
-    raise ConfigError(f"export.resolution={resolution} needs about {need / 2**30:.1f} GB of memory and "
-                      f"{available / 2**30:.1f} GB is available: {fix}")
+    options = [(f"export.resolution={r}", estimate_peak_bytes(r, texture, texture_size))
+               for r in (512, 384, 256, 192, 128, 96, 64) if r < resolution]
+    if texture == "uv":
+        options += [(f"export.texture_size={s}", estimate_peak_bytes(resolution, texture, s))
+                    for s in (4096, 2048, 1024, 512, 256) if s < texture_size]
+    fits = sorted((n, o) for o, n in options if n - BASE_BYTES <= available)
+    best = fits[-1] if fits else None  # the fitting setting that keeps the most detail (the largest estimate)
+    fix = f"use {best[1]} (about {(best[0] - BASE_BYTES) / 2**30:.1f} GB)" if best else "free memory or export on a larger machine"
+    raise ExportError(f"export.resolution={resolution} with texture={texture}"
+                      f"{f' texture_size={texture_size}' if texture == 'uv' else ''} needs about {need / 2**30:.1f} GB "
+                      f"more memory and {available / 2**30:.1f} GB is free: {fix}", (best[1],) if best else ())
 
 
 def to_blender(vertices: np.ndarray, height_m: float) -> np.ndarray:

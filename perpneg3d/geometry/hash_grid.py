@@ -172,6 +172,17 @@ class HashGridEncoding(nn.Module):
         self.active_levels.fill_(self._active)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of the other implementation (resume on another device): tcnn's flat `params`
+        # and the torch grid's [rows, features] `embeddings` hold the same table in the same order
+        # (gpu_check's parity section copies one into the other), so a reshape converts them.
+        mine, theirs = ("params", "embeddings") if self.implementation == "tcnn" else ("embeddings", "params")
+        other = f"{prefix}encoding.{theirs}"
+        if other in state_dict and f"{prefix}encoding.{mine}" not in state_dict:
+            table = state_dict.pop(other)
+            target = getattr(self.encoding, mine)
+            state_dict[f"{prefix}encoding.{mine}"] = table.reshape(target.shape) if table.numel() == target.numel() else table
+            log.info("hash grid: loading a %s checkpoint into the %s implementation", "torch" if theirs == "embeddings"
+                     else "tcnn", self.implementation)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         key = prefix + "active_levels"
         if key in state_dict:

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from perpneg3d.contracts import SamplesLatents
 from perpneg3d.errors import require
 from perpneg3d.guidance.denoiser import add_noise
 from perpneg3d.guidance.perpneg import MODES, guided_eps
 from perpneg3d.schedules import ramp
-from perpneg3d.validation import NonNegativeFloat, PositiveFloat, RampValue, UnitRange, validated
+from perpneg3d.validation import NonNegativeFloat, PositiveFloat, PositiveRampValue, RampValue, UnitRange, validated
 
 
 @dataclass
@@ -26,6 +27,24 @@ class SDSOutput:
     nonfinite: Tensor  # scalar int: NaN/inf gradient entries that were zeroed
     nonfinite_share: Tensor  # scalar: nonfinite / number of gradient entries
     t: Tensor  # [B] sampled timesteps
+
+
+def check_step_range(min_step_percent, max_step_percent) -> None:
+    """0 <= min <= max <= 1 at every training step. Both bounds are piecewise linear in the step, so
+    checking at every breakpoint of either ramp (and far past them) covers all steps. min == max is
+    allowed (threestudio allows it: one fixed timestep)."""
+    steps = {0, 10**9} | {int(v[i]) for v in (min_step_percent, max_step_percent) if isinstance(v, tuple) for i in (0, 3)}
+    for step in sorted(steps):
+        lo, hi = ramp(min_step_percent, step), ramp(max_step_percent, step)
+        where = f"guidance.min_step_percent={_show(min_step_percent)} and max_step_percent={_show(max_step_percent)}"
+        require(lo <= hi, f"{where} cross at step {step} (min {lo:.3g} > max {hi:.3g}): choose ramps with min <= max "
+                          "at every step")
+        require(0 <= lo and hi <= 1, f"{where} leave [0, 1] at step {step} (min {lo:.3g}, max {hi:.3g}): use fractions "
+                                     "of the training timesteps")
+
+
+def _show(value) -> str:
+    return f"[{', '.join(f'{v:g}' for v in value)}]" if isinstance(value, tuple) else f"{value:g}"
 
 
 class ScoreDistillation:
@@ -50,17 +69,20 @@ class ScoreDistillation:
         min_step_percent: RampValue = 0.02,
         max_step_percent: RampValue = 0.98,
         weighting: str = "sds",
-        grad_clip: RampValue | None = None,
+        grad_clip: PositiveRampValue | None = None,
         neg_time_ramp: UnitRange | None = None,
         neg_alignment: bool = False,
         neg_gain: NonNegativeFloat = 1.0,
     ):
         require(mode in MODES, f"guidance.mode={mode!r} is unknown: use one of {', '.join(MODES)}")
         require(weighting in ("sds", "uniform"), f"guidance.weighting={weighting!r} is unknown: use sds or uniform")
-        for step in (0, 10**9):
-            lo, hi = ramp(min_step_percent, step), ramp(max_step_percent, step)
-            require(0 <= lo < hi <= 1, f"guidance step range [{min_step_percent}, {max_step_percent}] must satisfy 0 <= min < max <= 1")
-        require(guidance_scale > 0, f"guidance.guidance_scale={guidance_scale} must be positive")
+        check_step_range(min_step_percent, max_step_percent)
+        adaptive = dict(neg_time_ramp=list(neg_time_ramp) if neg_time_ramp else None, neg_alignment=neg_alignment or None,
+                        neg_gain=None if neg_gain == 1.0 else neg_gain)
+        used = [(k, v) for k, v in adaptive.items() if v is not None]
+        require(mode in ("perpneg", "cebm") or not used,
+                f"guidance.{used[0][0]}={used[0][1]} has no effect with guidance.mode={mode}: it weights the "
+                "negatives, which only perpneg and cebm subtract; remove it or use mode=perpneg" if used else "")
         self.denoiser, self.guidance_scale, self.mode, self.weighting = denoiser, guidance_scale, mode, weighting
         self.min_step_percent, self.max_step_percent = min_step_percent, max_step_percent
         self.grad_clip = grad_clip
@@ -75,7 +97,8 @@ class ScoreDistillation:
     def __call__(self, rgb: Tensor, prompts, step: int, generator: torch.Generator) -> SDSOutput:
         """rgb [B,H,W,3] in [0,1] (differentiable); prompts: a PromptBatch of (2+K)*B embeddings."""
         den = self.denoiser
-        latents = den.encode(rgb.permute(0, 3, 1, 2))
+        rgb = rgb.permute(0, 3, 1, 2)  # a sampling encoder draws from the run's stream: resume stays exact
+        latents = den.encode_sample(rgb, generator) if isinstance(den, SamplesLatents) else den.encode(rgb)
         batch = latents.shape[0]
         lo, hi = self.timestep_range(step)
         # drawn on the generator's device (the training device in train.py): no CPU draw, no copy

@@ -111,9 +111,13 @@ class StableDiffusion:
 
     def encode(self, rgb: Tensor) -> Tensor:
         """rgb [B,3,H,W] in [0,1] -> scaled VAE latents [B,4,h,w] (float32, differentiable)."""
+        return self.encode_sample(rgb, None)
+
+    def encode_sample(self, rgb: Tensor, generator: torch.Generator | None) -> Tensor:
+        """encode(), the posterior sample drawn from `generator` (None: torch's global stream)."""
         x = F.interpolate(rgb, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         posterior = self.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist
-        return posterior.sample().float() * self.vae.config.scaling_factor
+        return posterior.sample(generator=generator).float() * self.vae.config.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
         image = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample

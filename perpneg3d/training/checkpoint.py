@@ -89,6 +89,34 @@ def resolve_resume(resume: str) -> tuple[Path, Path, dict]:
         if found is None:
             raise CheckpointError(f"resume={resume}: no readable checkpoint in {target / 'ckpts'}: check the folder or start a new run")
         return target, found[0], found[1]
-    state = load_checkpoint(target)
-    run_dir = target.parent.parent if target.parent.name == "ckpts" else target.parent
-    return run_dir, target, state
+    return run_dir_of(resume), target, load_checkpoint(target)
+
+
+def run_dir_of(resume: str) -> Path:
+    """The run folder that resume= names: the folder itself, or the run a checkpoint file belongs to."""
+    target = Path(resume).expanduser()
+    if target.is_dir():
+        return target
+    return target.parent.parent if target.parent.name == "ckpts" else target.parent
+
+
+def set_aside_later(run_dir: Path, step: int) -> Path | None:
+    """Resuming from an older checkpoint starts a new history at `step`: the later checkpoints and
+    validation images of the abandoned one are moved (never deleted) into
+    <run>/abandoned/step_<step>_<time>/, so pruning and a later resume=<run> see one continuous
+    history. Returns that folder, or None when nothing was later."""
+    import datetime as _dt
+    import shutil
+
+    run_dir = Path(run_dir)
+    later = [p for p in list_checkpoints(run_dir) if int(CKPT_NAME.match(p.name).group(1)) > step]
+    later += [p for p in (run_dir / "val").glob("step_*.png") if p.stem[5:].isdigit() and int(p.stem[5:]) > step]
+    if not later:
+        return None
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    dest = run_dir / "abandoned" / f"step_{step:07d}_{stamp}"
+    for path in later:
+        target = dest / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), str(target))
+    return dest

@@ -28,7 +28,8 @@ SAFE_ON_RESUME = (
     "evaluate_janus", "export", "export.*",
     "guidance.denoiser.device", "guidance.denoiser.local_files_only", "guidance.denoiser.enable_attention_slicing",
     "guidance.denoiser.channels_last", "guidance.denoiser.compile", "guidance.denoiser.cudnn_benchmark",
-    "guidance.denoiser.chunk_size", "guidance.denoiser.dataset.cache_dir", "renderer.chunk_rays",
+    "guidance.denoiser.chunk_size", "guidance.denoiser.dataset.cache_dir", "guidance.denoiser.offload_text_encoder",
+    "renderer.chunk_rays",
 )
 ABSENT = "<absent>"
 

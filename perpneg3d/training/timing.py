@@ -7,6 +7,8 @@ from collections import defaultdict
 
 import torch
 
+from perpneg3d.contracts import SamplesLatents
+
 
 class PhaseTimer:
     """Accumulates seconds per named phase: `with timer.phase("render"): ...`."""
@@ -55,6 +57,11 @@ class TimedDenoiser:
     def encode(self, rgb):
         with self._timer.phase("encode"):
             return self._denoiser.encode(rgb)
+
+    def encode_sample(self, rgb, generator):
+        with self._timer.phase("encode"):
+            den = self._denoiser
+            return den.encode_sample(rgb, generator) if isinstance(den, SamplesLatents) else den.encode(rgb)
 
     def eps(self, latents_t, t, text_emb):
         with self._timer.phase("denoiser"):

@@ -10,19 +10,21 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from perpneg3d.contracts import Geometry, Renderer, device_of
-from perpneg3d.errors import NumericalError, require
+from perpneg3d.errors import ExportError, NumericalError, PerpNegError, require
 from perpneg3d.random_streams import RandomStreams
+from perpneg3d.run_dir import write_atomic
 from perpneg3d.schedules import ramp
 from perpneg3d.training.checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
 from perpneg3d.training.preemption import Preempted, PreemptionHandler
+from perpneg3d.training.progress import Progress
 from perpneg3d.training.timing import NULL_TIMER, PhaseTimer
 from perpneg3d.training.visuals import render_turntable, validation_grid
 from perpneg3d.validation import (
     Elevation,
     NonNegativeFloat,
+    OpenProbability,
     PositiveFloat,
     PositiveInt,
     Probability,
@@ -72,6 +74,10 @@ def write_progress(run_dir: Path, step: int, max_steps: int, metrics: dict, coun
     os.replace(tmp, run_dir / "progress.json")
 
 
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    write_atomic(Path(run_dir) / "metrics.json", json.dumps(metrics, indent=2, default=float))
+
+
 class Trainer:
     """Hyper-parameters of a run; fit() trains the given components and writes the run folder."""
 
@@ -80,7 +86,7 @@ class Trainer:
         self,
         max_steps: PositiveInt = 10000,
         learning_rates: Mapping[str, NonNegativeFloat] | None = None,
-        betas: tuple[Probability, Probability] = (0.9, 0.99),
+        betas: tuple[OpenProbability, OpenProbability] = (0.9, 0.99),
         eps: PositiveFloat = 1e-15,
         lambda_sds: RampValue = 1.0,
         lambda_orient: RampValue = (0, 10.0, 1000.0, 5000),
@@ -148,10 +154,10 @@ class Trainer:
         run = self.start(geometry, renderer, guidance, prompts, cameras, seed, run_dir)
         start = self.restore(state, run) if state is not None else 0
         geometry.update_step(start)
-        bar = tqdm(range(start, self.max_steps), initial=start, total=self.max_steps, desc="train", disable=not self.progress)
+        bar = Progress(start, self.max_steps, enabled=self.progress)
         last = {}
         with PreemptionHandler() as stop:
-            for step in bar:
+            for step in range(start, self.max_steps):
                 t0 = time.perf_counter()
                 metrics = self.train_step(step, run)
                 run.counters["train_seconds"] += time.perf_counter() - t0
@@ -161,13 +167,15 @@ class Trainer:
                     raise NumericalError(f"{run.counters['nonfinite_streak']} consecutive steps had NaN/inf in the loss or "
                                          f"gradient (step {done}); last good state saved to {path}: lower the learning "
                                          "rates or guidance_scale, or set guidance.grad_clip")
-                if done % self.log_every == 0 or done == self.max_steps:  # the only place metrics reach the host
+                logged = done % self.log_every == 0 or done == self.max_steps
+                if logged:  # the only place metrics reach the host
                     last = read_metrics(metrics)
-                    bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4g}", ms=f"{1000 * (time.perf_counter() - t0):.0f}")
                     write_progress(run.run_dir, done, self.max_steps, last, run.counters)
                     if writer is not None:
                         for key, value in last.items():
                             writer.add_scalar(f"train/{key}", value, done)
+                bar.advance(done, last.get("loss") if logged else None,
+                            1000 * (time.perf_counter() - t0))
                 if done % self.val_every == 0 or done == self.max_steps:
                     self.validate(done, geometry, renderer, cameras, run.run_dir, writer)
                 if stop.requested:
@@ -179,6 +187,7 @@ class Trainer:
                     raise Preempted(str(run.run_dir), signum)
                 if done % self.ckpt_every == 0 and done < self.max_steps:
                     self.checkpoint(done, run)
+        bar.close()
         self.checkpoint(self.max_steps, run)
         return self.finish(geometry, renderer, cameras, run.run_dir, run.counters, last, evaluate, export)
 
@@ -230,6 +239,10 @@ class Trainer:
         run.geometry.load_state_dict(state["geometry"])
         run.renderer.load_state_dict(state["renderer"])
         run.optimizer.load_state_dict(state["optimizer"])
+        for param, slots in run.optimizer.state.items():  # Adam moments of a table saved in the other layout
+            for key, value in slots.items():
+                if torch.is_tensor(value) and value.numel() == param.numel() and value.shape != param.shape:
+                    slots[key] = value.reshape(param.shape)
         if isinstance(state["generator"], dict):
             run.rng.load_state_dict(state["generator"])
         else:  # checkpoints of perpneg3d 0.1 held the CPU stream only
@@ -264,7 +277,11 @@ class Trainer:
                    "nonfinite_entries": int(counters["nonfinite_entries"]), "final": last, "turntable": str(video)}
         if evaluate is not None:
             metrics["janus"] = evaluate(geometry, renderer)
+        write_metrics(run_dir, metrics)  # before the export: a refused or failed export keeps the run's summary
         if export is not None:
-            metrics["mesh"] = [str(p) for p in export(geometry, run_dir)]
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+            try:
+                metrics["mesh"] = [str(p) for p in export(geometry, run_dir)]
+            except PerpNegError as err:  # train() turns it into the command that exports again
+                raise ExportError(str(err), getattr(err, "overrides", ())) from None
+            write_metrics(run_dir, metrics)
         return metrics
