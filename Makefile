@@ -11,7 +11,7 @@ WHEEL_PYTHON ?= 3.12
 WHEEL_PLATFORM ?= manylinux2014_x86_64
 NODE_PACKAGES ?=
 
-.PHONY: demo test test-gpu gpu-check cuda-python nerfacc-build wheelhouse install
+.PHONY: demo test test-gpu gpu-check cuda-python nerfacc-build wheelhouse install slurm-packages
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Debian's SLURM + munge for the tests marked `slurm` (root and apt-get; else one line says why not)
+slurm-packages:
+	bash scripts/install_slurm.sh
 
 # Fails (no false green) when $(PYTHON)'s torch sees no CUDA device.
 cuda-python:

@@ -1,5 +1,5 @@
 """Packaging for perpneg3d: text-to-3D with Perp-Neg score distillation."""
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 setup(
     name="perpneg3d",
@@ -8,7 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["perpneg3d", "perpneg3d.*"]),
+    # hydra_plugins/perpneg3d_sweeps: the sweep launchers (Hydra loads launchers from that namespace only)
+    packages=find_packages(include=["perpneg3d", "perpneg3d.*"]) + find_namespace_packages(include=["hydra_plugins.*"]),
     install_requires=[
         # torch is installed first by the Makefile (CPU: torch==2.13.0); any CUDA build >= 2.1 works.
         "torch>=2.1",

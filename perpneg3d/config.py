@@ -15,18 +15,20 @@ from perpneg3d.errors import ConfigError, PerpNegError, reported_errors
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _first_of_sweeps(overrides: list[str]) -> list[str]:
-    """Replace each sweep override (a=1,2 / range / choice) by its first value, for a dry composition."""
+def sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """Command lines that together use every value of every sweep (a=1,2 / range / choice) once: the
+    first values of all, then each further value of one sweep with the others at their first. Composing
+    these finds a bad value before any job is launched, in len(values) compositions, not their product."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    out = []
-    for text, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
-        if parsed.is_sweep_override():
-            first = next(iter(parsed.sweep_string_iterator()))
-            out.append(f"{parsed.get_key_element()}={first}")
-        else:
-            out.append(text)
-    return out
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    values = [list(p.sweep_string_iterator()) if p.is_sweep_override() else None for p in parsed]
+    firsts = [text if v is None else f"{p.get_key_element()}={v[0]}" for text, p, v in zip(overrides, parsed, values)]
+    variants = [firsts]
+    for i, (p, v) in enumerate(zip(parsed, values)):
+        for value in (v or [])[1:]:
+            variants.append(firsts[:i] + [f"{p.get_key_element()}={value}"] + firsts[i + 1:])
+    return variants
 
 
 def explain_compose_error(err: Exception) -> str:
@@ -74,10 +76,10 @@ def check_overrides(config_name: str, overrides: list[str]) -> None:
     if args is None or args.config_path or args.config_dir:
         return  # Hydra reports a malformed line itself; another config folder is the user's to compose
     try:
-        overrides = _first_of_sweeps(resume_overrides(args.overrides))
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            compose(args.config_name or config_name, overrides=overrides, return_hydra_config=True)
+            for overrides in sweep_variants(resume_overrides(args.overrides)):
+                compose(args.config_name or config_name, overrides=overrides, return_hydra_config=True)
     except PerpNegError:
         raise
     except Exception as err:  # Hydra raises several unrelated classes for user typos
@@ -180,11 +182,20 @@ def run_script(config_name: str, fn: Callable) -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
     def _main(cfg):
+        if in_submitit_job():  # perpneg3d.sweeps reports the error in one line and lets the other jobs run
+            return fn(cfg)
         with reported_errors():
             return fn(cfg)
 
     with reported_errors():  # Ctrl-C while Hydra itself starts or launches jobs
         _main()
+
+
+def in_submitit_job() -> bool:
+    """Whether this is a job that one of perpneg3d.sweeps' launchers started."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and str(HydraConfig.get().launcher.get("_target_", "")).startswith("hydra_plugins.perpneg3d_sweeps.")
 
 
 def _with_resume_overrides(argv: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ SKIPPED = {
     "pip install torch --index-url https://download.pytorch.org/whl/cu124": "GPU set-up: a CUDA torch, needs network",
     'pip install -e ".[test]" && pip install --no-deps clip-anytorch': "what `make install` does; the suite runs in it",
     "pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch": "needs nvcc and network",
-    "make gpu-check PYTHON=python": "needs a CUDA GPU; its CPU mode runs in tests/test_gpu_check.py",
+    "make gpu-check PYTHON=python": "needs a CUDA GPU; its CPU mode runs in tests/test_cuda_path.py",
     'python train.py prompt="a corgi standing"': "needs Stable Diffusion's weights from the hub",
     "python -m pip list --format=freeze > node-packages.txt": "run on the GPU node",
     "make wheelhouse WHEEL_PYTHON=3.12 NODE_PACKAGES=node-packages.txt": "downloads wheels; tests/test_scripts.py "
@@ -41,6 +41,12 @@ SKIPPED = {
     "python train.py -m 'prompt=\"a corgi standing\",\"a westie\"' seed=0,1,2 hydra/launcher=submitit_slurm "
     "hydra.launcher.partition=gpu hydra.launcher.timeout_min=240": "Stable Diffusion on a GPU partition; the SLURM "
                                                                   "path runs on a local cluster in tests/test_slurm.py",
+    "python scripts/slurm_local.py start": "tests/test_slurm.py starts the same cluster (slurm_local.start)",
+    "export SLURM_CONF=/tmp/perpneg3d-slurm/slurm.conf": "tests/test_slurm.py sets SLURM_CONF for its commands",
+    "python train.py -m seed=0,1 experiment=toy hydra/launcher=submitit_slurm hydra.launcher.partition=debug "
+    "hydra.launcher.cpus_per_task=1 hydra.launcher.gpus_per_node=0 hydra.launcher.mem_gb=4":
+        "needs the local cluster; tests/test_slurm.py::test_two_job_toy_sweep runs this sweep on it",
+    "python scripts/slurm_local.py stop": "tests/test_slurm.py stops its cluster and checks the daemons are gone",
     'python scripts/sample_2d.py prompt="a corgi standing" view=back mode=perpneg view_negative_weight=2':
         "Stable Diffusion",
     "python scripts/sample_2d.py prompt=\"a corgi\" view=null 'negative_prompts=[\"a corgi, front view\"]' "
