@@ -187,10 +187,14 @@ def test_memory_estimate_against_a_measured_export(tmp_path):
     from helpers import subprocess_env
     from perpneg3d.export.mesh import BASE_BYTES
 
-    code = ("import resource, sys; from pathlib import Path; from test_export import SnoutedBlob; "
-            "from perpneg3d.export import MeshExporter; before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "MeshExporter(formats=['ply'], resolution=256)(SnoutedBlob(), Path(sys.argv[1])); "
-            "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    # the process's RSS polled during the export, against its RSS just before (ru_maxrss would count an
+    # import-time peak as the baseline)
+    code = ("import sys, threading, time, psutil; from pathlib import Path; from test_export import SnoutedBlob; "
+            "from perpneg3d.export import MeshExporter; me = psutil.Process(); peak = [0]; done = [False]\n"
+            "def poll():\n    while not done[0]:\n        peak[0] = max(peak[0], me.memory_info().rss); time.sleep(0.005)\n"
+            "before = me.memory_info().rss; t = threading.Thread(target=poll); t.start()\n"
+            "MeshExporter(formats=['ply'], resolution=256)(SnoutedBlob(), Path(sys.argv[1])); done[0] = True; t.join()\n"
+            "print(before // 1024, peak[0] // 1024)")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=Path(__file__).parent, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
