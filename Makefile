@@ -8,10 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 # `make wheelhouse`: wheels for an offline GPU node (README, "Offline GPU nodes").
 WHEEL_PYTHON ?= 3.12
-WHEEL_PLATFORM ?= manylinux2014_x86_64
 NODE_PACKAGES ?=
 
-.PHONY: demo test test-gpu gpu-check cuda-python nerfacc-build wheelhouse install slurm-packages
+.PHONY: demo test test-gpu gpu-check cuda-python nerfacc-build wheelhouse install slurm-packages gpu-rehearsal
 
 install: $(STAMP)
 
@@ -47,5 +46,10 @@ nerfacc-build: cuda-python
 	$(PYTHON) -m perpneg3d.renderer.nerfacc_cuda --build
 
 wheelhouse: $(STAMP)
-	$(BIN)/python scripts/make_wheelhouse.py --python-version $(WHEEL_PYTHON) --platform $(WHEEL_PLATFORM) \
-		--dest wheelhouse $(if $(NODE_PACKAGES),--node-packages $(NODE_PACKAGES))
+	$(BIN)/python scripts/make_wheelhouse.py --python-version $(WHEEL_PYTHON) --dest wheelhouse \
+		$(if $(NODE_PACKAGES),--node-packages $(NODE_PACKAGES))
+
+# The GPU node's first contact rehearsed on this CPU machine: a node-shaped venv, the wheelhouse, the one GPU
+# command (CPU mode), nerfacc's kernels built for sm_90 with pip's CUDA compiler, the CPU tests (README, "GPU").
+gpu-rehearsal: $(STAMP)
+	$(BIN)/python scripts/gpu_rehearsal.py --python-version $(WHEEL_PYTHON) $(if $(NODE_PACKAGES),--node-packages $(NODE_PACKAGES))

@@ -1,15 +1,17 @@
 """One command, one report: does the CUDA path run as designed on this machine, and how fast?
 
-    python scripts/gpu_check.py                      # on a CUDA machine (make gpu-check); under 8 minutes
+    python scripts/gpu_check.py --out DIR            # on a CUDA machine (make gpu-check); within --budget-s
     python scripts/gpu_check.py --device cpu --tiny  # the same checks on a CPU with a tiny random SD (CI)
 
-Writes gpu_report.md and gpu_report.json to --out: environment (GPU, driver, torch/CUDA, nvcc,
-nerfacc's kernel build and its time, tinycudann), the `pytest -m gpu` summary, parity checks (torch
-hash grid CPU vs device; nerfacc marcher vs stratified sampler; tcnn vs torch hash grid), one
-Perp-Neg SDS step with the full-size SD 2.1-base UNet and VAE at random weights (NaN count, fp16 vs
-fp32 VAE latents), the host<->device synchronisations of one training step, and the step
-benchmark (Perp-Neg K=2 vs plain, marcher vs sampler, each speed option vs none). A section that
-fails is reported with its error; the exit code is 1 when any did.
+Sections, most valuable first, each written to DIR/gpu_report.json and .md as soon as it ends (a run
+killed at a time limit still leaves what it finished): environment (GPU, driver, torch/CUDA, nvcc,
+nerfacc's kernel build and its time, tinycudann; the node's `pip freeze` to DIR/node-pip-freeze.txt),
+one Perp-Neg SDS step with the full-size SD 2.1-base at random weights (NaN count, fp16 vs fp32 VAE
+latents), parity (torch hash grid CPU vs device; nerfacc marcher vs stratified sampler; tcnn vs torch),
+the host<->device synchronisations of one training step (perpneg3d's own, nerfacc's sampler's and the
+skip decision counted apart), the step benchmark, `pytest -m gpu`, and torch.compile last
+(--skip-compile). Sections that would start after --budget-s seconds are skipped with that reason.
+Exit code 1 when any check fails (each named in the report's failed_checks), 0 otherwise.
 """
 from __future__ import annotations
 
@@ -57,20 +59,29 @@ def environment(args) -> dict:
     env["cuda_home"] = home
     env["toolkit_problems"] = nerfacc_cuda.toolkit_problems()
     if args.device.type == "cuda":
-        built = nerfacc_cuda.build(timeout_s=args.build_timeout)
+        built = nerfacc_cuda.build(timeout_s=max(30.0, min(args.build_timeout, args.remaining())))
         env["nerfacc_kernels"] = dict(ok=built.ok, reason=built.reason, seconds=round(built.seconds, 1))
     else:
-        env["nerfacc_kernels"] = dict(ok=False, reason="no CUDA device: not built", seconds=0.0)
+        env["nerfacc_kernels"] = dict(ok=None, reason="no CUDA device: not built", seconds=0.0)
     env["tinycudann"] = import_tcnn() is not None
+    freeze = run_command([sys.executable, "-m", "pip", "list", "--format=freeze"], timeout=120)
+    if freeze:  # the node's exact packages: they replace gpu/node-packages.txt (docs/gpu.md)
+        (Path(args.out) / "node-pip-freeze.txt").write_text(freeze + "\n")
+        env["pip_freeze"] = f"{len(freeze.splitlines())} packages in node-pip-freeze.txt"
     return env
 
 
 def gpu_tests(args) -> dict:
-    """`pytest -m gpu` in a child process (with this Python: no venv, no reinstall)."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=args.pytest_timeout)
+    """`pytest -m gpu` in a child process (with this Python: no venv, no reinstall), within the budget."""
+    timeout = max(10.0, min(args.pytest_timeout, args.remaining()))
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(exit_code=None, ok=False, summary=f"did not finish in {timeout:.0f} s")
     lines = [ln for ln in done.stdout.strip().splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
-    return dict(exit_code=done.returncode, summary=lines[-1] if lines else done.stdout.strip()[-300:])
+    return dict(exit_code=done.returncode, ok=done.returncode in (0, 5),  # 5: no test selected (none marked gpu ran)
+                summary=lines[-1] if lines else done.stdout.strip()[-300:])
 
 
 def small_grid(seed: int = 0) -> TorchHashGrid:
@@ -169,8 +180,34 @@ def bench_overrides(args, perp_neg: bool = True, estimator: str = "auto") -> lis
             f"cameras.heights=[{res}]", f"cameras.widths=[{res}]", f"renderer.estimator={estimator}"]
 
 
+def classify_syncs(locations: list[tuple[str, int]], skip_decision: tuple[str, int]) -> dict[str, int]:
+    """Count synchronisations by who makes them: nerfacc (its occupancy-grid sampler synchronises by
+    design: boolean indexing, .item()), the trainer's skip decision (its one allowed sync), perpneg3d's own."""
+    counts = dict(nerfacc=0, skip_decision=0, own=0)
+    for filename, lineno in locations:
+        if "/nerfacc/" in filename.replace("\\", "/"):
+            counts["nerfacc"] += 1
+        elif Path(filename).name == skip_decision[0] and lineno == skip_decision[1]:
+            counts["skip_decision"] += 1
+        else:
+            counts["own"] += 1
+    return counts
+
+
+def skip_decision_line() -> tuple[str, int]:
+    """trainer.py's line that reads the step's finiteness on the host (docs/gpu.md)."""
+    import inspect
+
+    from perpneg3d.training import trainer
+
+    source, first = inspect.getsourcelines(trainer.Trainer.train_step)
+    offset = next(i for i, line in enumerate(source) if "the step's one sync" in line)
+    return Path(trainer.__file__).name, first + offset
+
+
 def sync_count(args) -> dict:
-    """Synchronisations of one training step, counted with torch.cuda.set_sync_debug_mode."""
+    """Synchronisations of one training step, counted with torch.cuda.set_sync_debug_mode; the target is
+    no sync of perpneg3d's own outside logging steps and the skip decision (nerfacc's counted apart)."""
     if args.device.type != "cuda":
         return dict(skipped="no CUDA device: host<->device synchronisations exist only on CUDA")
     setup = build_setup(bench_overrides(args), make_denoiser(args))
@@ -186,19 +223,30 @@ def sync_count(args) -> dict:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    counts = classify_syncs([(w.filename, w.lineno) for w in syncs], skip_decision_line())
     where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
-    return dict(syncs_per_step=len(syncs), target=2, ok=len(syncs) <= 2, locations=where, renderer=setup.renderer.backend)
+    return dict(syncs_per_step=len(syncs), own=counts["own"], nerfacc_sampler=counts["nerfacc"],
+                skip_decision=counts["skip_decision"], target_own=0, ok=counts["own"] == 0, locations=where,
+                renderer=setup.renderer.backend)
 
 
 def step_benchmark(args) -> dict:
-    rows = []
     configs = [("Perp-Neg (K=2)", dict(perp_neg=True), {}), ("plain (K=0)", dict(perp_neg=False), {})]
     if nerfacc_cuda.available():
         configs.append(("Perp-Neg, stratified sampler", dict(estimator="stratified"), {}))
     configs += [("Perp-Neg + channels_last", {}, dict(channels_last=True)),
                 ("Perp-Neg + cudnn.benchmark", {}, dict(cudnn_benchmark=True))]
-    if not args.tiny or args.compile:
-        configs.append(("Perp-Neg + torch.compile", {}, dict(compile=True)))
+    return benchmark_rows(args, configs)
+
+
+def compile_benchmark(args) -> dict:
+    """torch.compile of the UNet against the plain step: last, since compiling takes minutes."""
+    return benchmark_rows(args, [("Perp-Neg (K=2)", dict(perp_neg=True), {}),
+                                 ("Perp-Neg + torch.compile", {}, dict(compile=True))])
+
+
+def benchmark_rows(args, configs) -> dict:
+    rows = []
     for label, bench_kw, speed in configs:
         torch.backends.cudnn.benchmark = False
         setup = build_setup(bench_overrides(args, **bench_kw), make_denoiser(args, **speed))
@@ -214,32 +262,100 @@ def step_benchmark(args) -> dict:
     return dict(rows=rows, steps=args.steps, warmup=args.warmup, resolution=16 if args.tiny else 64, batch=1)
 
 
+def benchmark_table(title: str, bench: dict) -> list[str]:
+    lines = [f"## {title} (B={bench['batch']}, {bench['resolution']}x{bench['resolution']} renders, "
+             f"{bench['steps']} timed steps)"]
+    mem = "peak_allocated_mb" if "peak_allocated_mb" in bench["rows"][0] else "peak_rss_mb"
+    lines.append("| configuration | " + " | ".join(f"{p} ms" for p in PHASES) + f" | it/s | {mem} | 10k steps (min) | ratio |")
+    lines.append("|---" * (len(PHASES) + 5) + "|")
+    for r in bench["rows"]:
+        lines.append(f"| {r['label']} | " + " | ".join(f"{r['ms'].get(p, 0):.1f}" for p in PHASES)
+                     + f" | {r['its']:.2f} | {r[mem]:.0f} | {r['projection_10k_min']:.1f} | {r['ratio_vs_first']:.2f} |")
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
     lines = ["# perpneg3d GPU check", ""]
     env = report.get("environment", {})
     lines.append(f"Device: {env.get('gpu', env.get('device'))} | torch {env.get('torch')} (CUDA {env.get('torch_cuda')}) | "
                  f"driver {env.get('driver')} | nvcc: {env.get('nvcc')} | mode: {'tiny' if report['tiny'] else 'full size'}")
-    lines.append("")
+    failed = report.get("failed_checks", [])
+    lines += ["", f"**Failed checks: {len(failed)}**" if failed else "**All checks passed.**"]
+    lines += [f"- {f}" for f in failed] + [""]
     for name, section in report.items():
-        if name in ("step_benchmark", "tiny", "seconds") or not isinstance(section, dict):
+        if not isinstance(section, dict):
+            continue
+        if "rows" in section:
+            lines += benchmark_table(name.replace("_", " "), section)
             continue
         lines.append(f"## {name}")
         lines += [f"- {k}: {v}" for k, v in section.items()]
         lines.append("")
-    bench = report.get("step_benchmark", {})
-    if "rows" in bench:
-        lines.append(f"## step benchmark (B={bench['batch']}, {bench['resolution']}x{bench['resolution']} renders, "
-                     f"{bench['steps']} timed steps)")
-        mem = "peak_allocated_mb" if "peak_allocated_mb" in bench["rows"][0] else "peak_rss_mb"
-        lines.append("| configuration | " + " | ".join(f"{p} ms" for p in PHASES) + f" | it/s | {mem} | 10k steps (min) | ratio |")
-        lines.append("|---" * (len(PHASES) + 5) + "|")
-        for r in bench["rows"]:
-            lines.append(f"| {r['label']} | " + " | ".join(f"{r['ms'].get(p, 0):.1f}" for p in PHASES)
-                         + f" | {r['its']:.2f} | {r[mem]:.0f} | {r['projection_10k_min']:.1f} | {r['ratio_vs_first']:.2f} |")
-    elif bench:
-        lines += ["## step benchmark", f"- {bench}"]
-    lines.append(f"\nTotal time: {report['seconds']:.0f} s")
+    lines.append(f"Total time: {report.get('seconds', 0):.0f} s (budget {report.get('budget_s', 0):.0f} s)")
     return "\n".join(lines) + "\n"
+
+
+SECTIONS = (("environment", environment), ("sds_step", sds_step), ("parity", parity), ("sync_count", sync_count),
+            ("step_benchmark", step_benchmark), ("pytest_gpu", gpu_tests), ("compile", compile_benchmark))
+
+
+def failed_checks(report: dict) -> list[str]:
+    """Every check of a report that failed, one line each (a section that raised is one of them)."""
+    failed = [f"{name}: {section['error']}" for name, section in report.items()
+              if isinstance(section, dict) and "error" in section]
+    env = report.get("environment", {})
+    if env.get("nerfacc_kernels", {}).get("ok") is False:
+        failed.append(f"environment.nerfacc_kernels: {env['nerfacc_kernels']['reason']}")
+    sds = report.get("sds_step", {})
+    if sds and "error" not in sds and (sds.get("sds_nonfinite") or not sds.get("loss_finite") or
+                                       not sds.get("render_grad_finite")):
+        failed.append(f"sds_step: non-finite values (sds_nonfinite={sds.get('sds_nonfinite')}, "
+                      f"loss_finite={sds.get('loss_finite')}, render_grad_finite={sds.get('render_grad_finite')})")
+    for key, check in report.get("parity", {}).items():
+        if isinstance(check, dict) and check.get("ok") is False:
+            failed.append(f"parity.{key}: {check}")
+    sync = report.get("sync_count", {})
+    if sync.get("ok") is False:
+        failed.append(f"sync_count: {sync['own']} synchronisations of perpneg3d's own per step (target 0): "
+                      f"{sync.get('locations')}")
+    tests = report.get("pytest_gpu", {})
+    if tests.get("ok") is False:
+        failed.append(f"pytest_gpu: {tests.get('summary')}")
+    return failed
+
+
+def write_report(report: dict, out: Path) -> None:
+    """gpu_report.json and .md, replaced atomically (a kill mid-write leaves the previous pair)."""
+    from perpneg3d.run_dir import write_atomic
+
+    report = dict(report, failed_checks=failed_checks(report))
+    write_atomic(out / "gpu_report.json", json.dumps(report, indent=2, default=str))
+    write_atomic(out / "gpu_report.md", markdown(report))
+
+
+def run_sections(sections, args, out: Path) -> dict:
+    """Run each section in order, rewriting the report after each; sections that would start after
+    args.budget_s are skipped with that reason."""
+    report = dict(tiny=args.tiny, budget_s=args.budget_s, seconds=0.0)
+    start = time.perf_counter()
+    args.remaining = lambda: args.budget_s - (time.perf_counter() - start)
+    for name, fn in sections:
+        if args.remaining() <= 0:
+            report[name] = dict(skipped=f"budget of {args.budget_s:.0f} s spent before this section started")
+            write_report(report, out)
+            continue
+        t0 = time.perf_counter()
+        print(f"[gpu_check] {name} ...", flush=True)
+        try:
+            report[name] = fn(args)
+        except Exception as err:  # noqa: BLE001  (report the failure, go on with the other sections)
+            report[name] = dict(error=f"{type(err).__name__}: {err}".splitlines()[0][:300],
+                                trace=traceback.format_exc(limit=3).splitlines()[-3:])
+        report[name]["section_seconds"] = round(time.perf_counter() - t0, 1)
+        report["seconds"] = time.perf_counter() - start
+        write_report(report, out)
+        print(f"[gpu_check] {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+    return report
 
 
 def main(argv=None) -> int:
@@ -247,9 +363,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny random SD and 16x16 renders (CPU, CI)")
     parser.add_argument("--out", default="outputs/gpu_check", help="folder for gpu_report.md and gpu_report.json")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="sections that would start later than this are skipped (default 420 s: a 10-minute call "
+                             "keeps room for the install and the nerfacc build)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (20; tiny: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (5; tiny: 1)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile in --tiny mode")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile section")
     parser.add_argument("--skip-pytest", action="store_true", help="leave out the pytest -m gpu section")
     parser.add_argument("--build-timeout", type=float, default=300.0, help="seconds for nerfacc's kernel build")
     parser.add_argument("--pytest-timeout", type=float, default=240.0)
@@ -261,28 +381,15 @@ def main(argv=None) -> int:
         return 2
     args.steps = args.steps or (2 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
-    sections = [("environment", environment), ("pytest_gpu", gpu_tests), ("parity", parity), ("sds_step", sds_step),
-                ("sync_count", sync_count), ("step_benchmark", step_benchmark)]
-    if args.skip_pytest:
-        sections = [s for s in sections if s[0] != "pytest_gpu"]
-    report, failed, start = dict(tiny=args.tiny), [], time.perf_counter()
-    for name, fn in sections:
-        t0 = time.perf_counter()
-        print(f"[gpu_check] {name} ...", flush=True)
-        try:
-            report[name] = fn(args)
-        except Exception as err:  # noqa: BLE001  (report the failure, go on with the other sections)
-            report[name] = dict(error=f"{type(err).__name__}: {err}".splitlines()[0][:300],
-                                trace=traceback.format_exc(limit=3).splitlines()[-3:])
-            failed.append(name)
-        print(f"[gpu_check] {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
-    report["seconds"] = time.perf_counter() - start
+    skip = {"pytest_gpu"} if args.skip_pytest else set()
+    if args.skip_compile or (args.tiny and not args.compile):
+        skip.add("compile")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "gpu_report.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {out / 'gpu_report.md'} and {out / 'gpu_report.json'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    report = run_sections([s for s in SECTIONS if s[0] not in skip], args, out)
+    failed = failed_checks(report)
+    print(markdown(dict(report, failed_checks=failed)))
+    print(f"wrote {out / 'gpu_report.md'} and {out / 'gpu_report.json'}" + (f"; failed: {'; '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

@@ -6,13 +6,14 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import subprocess_env
-from perpneg3d.errors import ConfigError
+from perpneg3d.errors import ConfigError, PerpNegError
 from perpneg3d.geometry import hash_grid
 from perpneg3d.geometry.hash_grid import HashGridEncoding
 from perpneg3d.random_streams import RandomStreams
@@ -80,18 +81,57 @@ def test_a_stale_lock_is_refused_instead_of_waited_on(fresh_probe, monkeypatch, 
     assert not result.ok and f"rm {lock}" in result.reason and "\n" not in result.reason
 
 
-def test_a_timed_out_build_is_killed_and_its_lock_removed(monkeypatch, tmp_path):
+def test_a_timed_out_build_is_killed_with_its_children_and_its_lock_removed(monkeypatch, tmp_path):
+    """The build's child starts a grandchild (as ninja starts nvcc) and hangs: at the timeout the whole
+    process group is killed, not only the child, and the lock it left is removed."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = tmp_path / "nerfacc_cuda" / "lock"
+    pid_file = tmp_path / "grandchild.pid"
+    monkeypatch.setattr(nerfacc_cuda, "BUILD_CODE", (
+        "import pathlib, subprocess, time\n"
+        f"lock = pathlib.Path({str(lock)!r}); lock.parent.mkdir(exist_ok=True); lock.touch()\n"
+        "p = subprocess.Popen(['sleep', '60'])\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(p.pid))\n"
+        "time.sleep(60)\n"))
+    result = nerfacc_cuda.build(timeout_s=3)
+    assert not result.ok and "did not finish in 3 s" in result.reason and not lock.exists()
+    grandchild = int(pid_file.read_text())
+    time.sleep(0.2)
+    stat = Path(f"/proc/{grandchild}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone (or a zombie awaiting init)
 
-    def hanging_build(cmd, **kw):
-        lock.parent.mkdir(exist_ok=True)
-        lock.touch()  # what torch's build baton leaves when its process dies
-        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
 
-    monkeypatch.setattr(nerfacc_cuda.subprocess, "run", hanging_build)
-    result = nerfacc_cuda.build(timeout_s=7)
-    assert not result.ok and "did not finish in 7 s" in result.reason and not lock.exists()
+def test_a_failed_build_reports_its_first_error_not_ninjas_last_line():
+    output = "\n".join([
+        "[1/9] c++ -c pybind.cpp", "[2/9] nvcc -c grid.cu",
+        "FAILED: nerfacc_cuda.so", "c++ grid.cuda.o -o nerfacc_cuda.so -L/x/lib64 -lcudart",
+        "/usr/bin/ld: cannot find -lcudart: No such file or directory",
+        "collect2: error: ld returned 1 exit status", "ninja: build stopped: subcommand failed.",
+        "Traceback (most recent call last):", "RuntimeError: Error building extension 'nerfacc_cuda'"])
+    assert nerfacc_cuda.first_error(output) == "/usr/bin/ld: cannot find -lcudart: No such file or directory"
+
+
+def test_pip_cuda_13_layout_gives_the_build_its_paths(monkeypatch, tmp_path):
+    """pip's CUDA 13 wheels: nvidia/cu13/{bin/nvcc, include, lib/libcudart.so.13} and no libcudart.so. The
+    build environment names that toolkit, puts its headers on CPATH and links libcudart.so to the .so.13."""
+    cu13 = tmp_path / "site" / "nvidia" / "cu13"
+    (cu13 / "bin").mkdir(parents=True)
+    (cu13 / "bin" / "nvcc").write_text("")
+    (cu13 / "include" / "cccl").mkdir(parents=True)
+    for header in nerfacc_cuda.REQUIRED_HEADERS:
+        (cu13 / "include" / header).write_text("")
+    (cu13 / "lib").mkdir()
+    (cu13 / "lib" / "libcudart.so.13").write_text("")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site")])
+    monkeypatch.setattr(nerfacc_cuda, "DEFAULT_CUDA_HOME", tmp_path / "no-system-toolkit")
+    env = {"PATH": str(tmp_path / "empty"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    out = nerfacc_cuda.build_environment(env)
+    assert out["CUDA_HOME"] == str(cu13)
+    assert out["PATH"].split(os.pathsep)[0] == str(cu13 / "bin")
+    assert out["CPATH"].split(os.pathsep) == [str(cu13 / "include"), str(cu13 / "include" / "cccl")]
+    link = Path(out["LIBRARY_PATH"].split(os.pathsep)[0]) / "libcudart.so"
+    assert link.resolve() == (cu13 / "lib" / "libcudart.so.13").resolve()
+    assert nerfacc_cuda.toolkit_problems(dict(env, **out)) == []
 
 
 def test_build_directory_matches_torch(monkeypatch, tmp_path):
@@ -246,17 +286,63 @@ def test_gpu_check_cpu_tiny_mode_writes_its_report(tmp_path):
     assert "| Perp-Neg (K=2) |" in md and "## sds_step" in md
 
 
-def test_wheelhouse_closure_leaves_out_torch_and_what_the_node_has(tmp_path):
+def wheelhouse_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_wheelhouse", ROOT / "scripts" / "make_wheelhouse.py")
-    wheelhouse = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wheelhouse)
-    deps = wheelhouse.closure(wheelhouse.ROOTS) - wheelhouse.closure(["torch"])
-    assert {"nerfacc", "hydra-core", "omegaconf", "antlr4-python3-runtime", "diffusers", "pymcubes", "trimesh",
-            "xatlas", "submitit", "imageio-ffmpeg", "pytest", "clip-anytorch"} <= deps
-    assert not {"torch", "sympy", "networkx", "jinja2", "filelock"} & deps
-    assert wheelhouse.normalise("Hydra_Core") == "hydra-core"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_node_package_list_is_read_as_pinned_or_unknown(tmp_path):
+    wh = wheelhouse_module()
+    listing = tmp_path / "node.txt"
+    listing.write_text("# a comment\ntorch==2.11.0+cu130\nNumPy==2.5.2\nscipy\nmy_pkg @ file:///src/my_pkg\n\n")
+    assert wh.read_node_packages(listing) == {"torch": "2.11.0+cu130", "numpy": "2.5.2", "scipy": None, "my-pkg": None}
+    listing.write_text("numpy==2.5.2\n")
+    with pytest.raises(PerpNegError, match="lists no torch: the node needs its CUDA torch"):
+        wh.read_node_packages(listing)
+
+
+def test_a_stand_in_wheel_is_what_pip_resolves_for_the_nodes_torch(tmp_path):
+    """pip (offline, only the stand-in folder) resolves torch==2.11.0+cu130 to the stand-in: that
+    version, no requirements, nothing to download."""
+    wh = wheelhouse_module()
+    (tmp_path / "stand-ins").mkdir()
+    wh.stand_in_wheel("torch", "2.11.0+cu130", tmp_path / "stand-ins")
+    wh.stand_in_wheel("numpy", "2.5.2+node", tmp_path / "stand-ins")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--ignore-installed",
+                           "--find-links", str(tmp_path / "stand-ins"), "--report", str(tmp_path / "r.json"),
+                           "--target", str(tmp_path / "t"), "torch>=2.1", "numpy==2.5.2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    install = {i["metadata"]["name"]: i for i in json.loads((tmp_path / "r.json").read_text())["install"]}
+    assert install["torch"]["metadata"]["version"] == "2.11.0+cu130" and not install["torch"]["metadata"].get("requires_dist")
+    assert install["numpy"]["metadata"]["version"] == "2.5.2+node"  # == 2.5.2 admits the local label
+
+
+def test_wheelhouse_plan_carries_what_the_node_lacks_or_may_not_satisfy():
+    wh = wheelhouse_module()
+
+    def item(name, version, url="https://files/x.whl", requires=()):
+        return dict(metadata=dict(name=name, version=version, requires_dist=list(requires)), download_info=dict(url=url))
+
+    install = [item("perpneg3d", "0.1.0", "file:///repo", ["torch>=2.1", "nerfacc==0.5.3", "scipy", "pydantic>=2"]),
+               item("torch", "2.11.0+cu130", "file:///tmp/w/stand-ins/torch-2.11.0+cu130-py3-none-any.whl"),
+               item("numpy", "2.5.2+node", "file:///tmp/w/stand-ins/numpy-2.5.2+node-py3-none-any.whl"),
+               item("nerfacc", "0.5.3", requires=["rich>=12", "typing-extensions; python_version < '3.8'"]),
+               item("pydantic", "2.14.4", requires=["typing-extensions>=4.16.0", "pydantic-core==2.50.5"]),
+               item("pydantic-core", "2.50.5"), item("typing-extensions", "4.16.0"), item("rich", "15.0.0"),
+               item("scipy", "1.18.1")]
+    node = {"torch": "2.11.0+cu130", "numpy": "2.5.2", "scipy": None, "typing-extensions": None, "rich": None}
+    carry, notes = wh.plan(install, node, "3.12")
+    # the node lacks nerfacc and pydantic; its typing-extensions and rich are of unknown versions under a bound
+    assert carry == [("nerfacc", "0.5.3"), ("pydantic", "2.14.4"), ("pydantic-core", "2.50.5"),
+                     ("typing-extensions", "4.16.0"), ("rich", "15.0.0")]
+    assert "scipy: the node has it and nothing constrains its version" in notes
+    # nerfacc's typing-extensions marker is false on 3.12: only pydantic's bound counts
+    assert wh.constrained(install, "3.12")["typing-extensions"] == ">=4.16.0"
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -285,3 +371,98 @@ def test_a_resumed_run_continues_the_same_random_streams(tmp_path, device):
         assert all(same), key
     first = load_checkpoint(checkpoint_path(resumed, 3))["generator"]
     assert not torch.equal(first["device"], b["device"])  # the streams did advance
+
+
+def gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_args(budget_s=60.0):
+    import argparse
+
+    return argparse.Namespace(tiny=True, budget_s=budget_s, device=torch.device("cpu"))
+
+
+def test_gpu_check_writes_its_report_after_each_section(tmp_path):
+    """A section that raises is recorded and the next ones still run; each section sees on disk the
+    report of the ones before it (a run killed mid-section keeps them)."""
+    gc = gpu_check_module()
+    seen = {}
+
+    def boom(args):
+        raise RuntimeError("no kernel image is available")
+
+    def third(args):
+        seen.update(json.loads((tmp_path / "gpu_report.json").read_text()))
+        return dict(ok=True)
+
+    report = gc.run_sections([("environment", lambda args: dict(torch="x")), ("sds_step", boom), ("parity", third)],
+                             check_args(), tmp_path)
+    assert seen["environment"]["torch"] == "x" and seen["sds_step"]["error"] == "RuntimeError: no kernel image is available"
+    assert seen["failed_checks"] == ["sds_step: RuntimeError: no kernel image is available"]
+    assert report["parity"]["ok"] is True
+    assert "**Failed checks: 1**" in (tmp_path / "gpu_report.md").read_text()
+
+
+def test_gpu_check_budget_skips_the_sections_that_would_start_late(tmp_path):
+    gc = gpu_check_module()
+    ran = []
+
+    def slow(args):
+        ran.append("slow")
+        time.sleep(0.3)
+        return {}
+
+    report = gc.run_sections([("environment", slow), ("step_benchmark", lambda a: ran.append("bench") or {}),
+                              ("compile", lambda a: ran.append("compile") or {})], check_args(budget_s=0.2), tmp_path)
+    assert ran == ["slow"]
+    for name in ("step_benchmark", "compile"):
+        assert report[name] == dict(skipped="budget of 0 s spent before this section started")
+    on_disk = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert on_disk["compile"]["skipped"].startswith("budget") and on_disk["failed_checks"] == []
+
+
+@pytest.mark.parametrize("report, expected", [
+    (dict(environment=dict(nerfacc_kernels=dict(ok=False, reason="build failed: ld: cannot find -lcudart"))),
+     "environment.nerfacc_kernels: build failed: ld: cannot find -lcudart"),
+    (dict(sds_step=dict(sds_nonfinite=12, loss_finite=True, render_grad_finite=True)),
+     "sds_step: non-finite values (sds_nonfinite=12, loss_finite=True, render_grad_finite=True)"),
+    (dict(parity=dict(marcher_vs_sampler=dict(mean_abs_rgb=0.2, tolerance=0.03, ok=False))),
+     "parity.marcher_vs_sampler: {'mean_abs_rgb': 0.2, 'tolerance': 0.03, 'ok': False}"),
+    (dict(sync_count=dict(own=3, nerfacc_sampler=8, ok=False, locations=["volume_renderer.py:90"])),
+     "sync_count: 3 synchronisations of perpneg3d's own per step (target 0): ['volume_renderer.py:90']"),
+    (dict(pytest_gpu=dict(exit_code=1, ok=False, summary="1 failed, 5 passed")), "pytest_gpu: 1 failed, 5 passed"),
+])
+def test_gpu_check_names_each_failed_check(report, expected):
+    assert gpu_check_module().failed_checks(dict(tiny=False, **report)) == [expected]
+
+
+def test_gpu_check_passing_checks_are_not_failures():
+    report = dict(environment=dict(nerfacc_kernels=dict(ok=True)), sds_step=dict(sds_nonfinite=0, loss_finite=True,
+                  render_grad_finite=True), parity=dict(marcher_vs_sampler=dict(ok=True), tcnn_vs_torch=dict(skipped="x")),
+                  sync_count=dict(own=0, nerfacc_sampler=8, ok=True), pytest_gpu=dict(exit_code=0, ok=True))
+    assert gpu_check_module().failed_checks(report) == []
+
+
+def test_gpu_check_exits_1_when_a_check_fails(tmp_path, monkeypatch):
+    gc = gpu_check_module()
+    monkeypatch.setattr(gc, "SECTIONS", (("sync_count", lambda args: dict(own=1, ok=False, locations=["x.py:1"])),))
+    assert gc.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)]) == 1
+    monkeypatch.setattr(gc, "SECTIONS", (("sync_count", lambda args: dict(own=0, ok=True)),))
+    assert gc.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)]) == 0
+
+
+def test_syncs_are_counted_apart_by_who_makes_them():
+    gc = gpu_check_module()
+    counts = gc.classify_syncs([("/site-packages/nerfacc/estimators/occ_grid.py", 118),
+                                ("/site-packages/nerfacc/volrend.py", 40), ("/repo/perpneg3d/training/trainer.py", 211),
+                                ("/repo/perpneg3d/renderer/volume_renderer.py", 90)], ("trainer.py", 211))
+    assert counts == dict(nerfacc=2, skip_decision=1, own=1)
+    name, line = gc.skip_decision_line()
+    source = (ROOT / "perpneg3d" / "training" / name).read_text().splitlines()[line - 1]
+    assert "the step's one sync" in source

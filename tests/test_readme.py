@@ -29,10 +29,9 @@ SKIPPED = {
     "make gpu-check PYTHON=python": "needs a CUDA GPU; its CPU mode runs in tests/test_cuda_path.py",
     'python train.py prompt="a corgi standing"': "needs Stable Diffusion's weights from the hub",
     "python -m pip list --format=freeze > node-packages.txt": "run on the GPU node",
-    "make wheelhouse WHEEL_PYTHON=3.12 NODE_PACKAGES=node-packages.txt": "downloads wheels; tests/test_scripts.py "
-                                                                        "checks make_wheelhouse",
-    "python -m pip install --no-index --find-links wheelhouse -r wheelhouse/requirements.txt": "run on the GPU node",
-    "python -m pip install --no-index --no-deps --no-build-isolation -e .": "run on the GPU node",
+    "make wheelhouse NODE_PACKAGES=node-packages.txt": "downloads wheels; make gpu-rehearsal runs it against "
+                                                       "gpu/node-packages.txt, tests/test_cuda_path.py its resolution",
+    "bash scripts/gpu_node.sh gpu_out": "needs the wheelhouse and a GPU; make gpu-rehearsal runs it in CPU mode",
     'python train.py prompt="a westie" seed=3 guidance.guidance_scale=75 trainer.max_steps=5000': "Stable Diffusion",
     'python train.py prompt="a corgi standing" prompts=plain': "Stable Diffusion",
     'python train.py prompt="a corgi standing" prompts/schedule=stable_dreamfusion': "Stable Diffusion",

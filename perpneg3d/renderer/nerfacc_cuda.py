@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -85,7 +86,8 @@ def _wrapped_nvcc(nvcc: Path) -> Path | None:
 def cuda_home(env: dict | None = None) -> str | None:
     """The toolkit folder the build should use: CUDA_HOME or CUDA_PATH when set; else the folder
     above nvcc's bin/, following a wrapper script to the real toolkit (torch's own guess would take
-    the wrapper's folder); else /usr/local/cuda when it exists."""
+    the wrapper's folder); else /usr/local/cuda when it exists; else pip's CUDA compiler
+    (nvidia-cuda-nvcc: site-packages/nvidia/cu13/bin/nvcc, or nvidia/cuda_nvcc/bin/nvcc before CUDA 13)."""
     env = os.environ if env is None else env
     home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
     if home:
@@ -95,31 +97,94 @@ def cuda_home(env: dict | None = None) -> str | None:
         real = Path(nvcc).resolve()
         wrapped = _wrapped_nvcc(real)
         return str((wrapped.resolve() if wrapped else real).parent.parent)
-    return str(DEFAULT_CUDA_HOME) if DEFAULT_CUDA_HOME.is_dir() else None
+    if DEFAULT_CUDA_HOME.is_dir():
+        return str(DEFAULT_CUDA_HOME)
+    pip_nvcc = [d for d in _pip_cuda_dirs() if (d / "bin" / "nvcc").is_file()]
+    return str(pip_nvcc[0]) if pip_nvcc else None
 
 
-def ensure_cuda_home() -> None:
-    """Set CUDA_HOME for the build when it is unset (torch would otherwise derive it from the first
-    nvcc on PATH, a wrapper's folder included)."""
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
-    home = cuda_home()
-    if home:
-        os.environ["CUDA_HOME"] = home
-        extension = sys.modules.get("torch.utils.cpp_extension")
-        if extension is not None:  # already imported: it read CUDA_HOME at import time
-            extension.CUDA_HOME = home
-        log.info("CUDA_HOME unset: using the toolkit at %s", home)
-
-
-def _pip_cuda_include_dirs() -> list[Path]:
-    """include/ folders of pip-installed CUDA libraries (site-packages/nvidia/<lib>/include)."""
+def _pip_cuda_dirs() -> list[Path]:
+    """Folders of pip-installed CUDA: site-packages/nvidia/cu13 (CUDA 13's wheels share one folder) or
+    site-packages/nvidia/<library> (CUDA 12's: cuda_runtime, cublas, ...)."""
     found = []
     for entry in sys.path:
         nvidia = Path(entry) / "nvidia"
         if nvidia.is_dir():
-            found += sorted(p for p in nvidia.glob("*/include") if p.is_dir())
+            found += sorted(p for p in nvidia.iterdir() if p.is_dir() and not p.name.startswith("__"))
     return found
+
+
+def _pip_cuda_include_dirs() -> list[Path]:
+    """include/ folders of pip-installed CUDA (nvidia/cu13/include, nvidia/<lib>/include), with CCCL's
+    (nvidia/cu13/include/cccl: thrust, cub, libcu++) where it has its own."""
+    found = []
+    for folder in _pip_cuda_dirs():
+        include = folder / "include"
+        if include.is_dir():
+            found.append(include)
+            found += [p for p in (include / "cccl",) if p.is_dir()]
+    return found
+
+
+def _pip_cudart() -> Path | None:
+    """pip's CUDA runtime library: libcudart.so, or only its versioned name (libcudart.so.13)."""
+    for folder in _pip_cuda_dirs():
+        for lib in ("lib", "lib64"):
+            found = sorted((folder / lib).glob("libcudart.so*")) if (folder / lib).is_dir() else []
+            if found:
+                return found[0]
+    return None
+
+
+def build_environment(env: dict | None = None) -> dict[str, str]:
+    """Variables the JIT build needs, found for both toolkit layouts (a system toolkit, /usr/local/cuda or
+    CUDA_HOME; pip's nvidia-cuda-* wheels): CUDA_HOME; its bin/ on PATH (nerfacc looks for nvcc there);
+    CPATH with pip's include folders (headers torch's build includes but a toolkit may lack); and
+    LIBRARY_PATH with a folder holding `libcudart.so`: torch links with -lcudart, and pip's runtime wheel
+    ships only libcudart.so.13, so a link to it is made next to the build folder."""
+    env = dict(os.environ if env is None else env)
+    out: dict[str, str] = {}
+    home = cuda_home(env)
+    if home is None:
+        return out
+    out["CUDA_HOME"] = home
+    bin_dir = str(Path(home) / "bin")
+    if bin_dir not in env.get("PATH", "").split(os.pathsep):
+        out["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    includes = [str(p) for p in _pip_cuda_include_dirs()]
+    current = [p for p in env.get("CPATH", "").split(os.pathsep) if p]
+    if [p for p in includes if p not in current]:
+        out["CPATH"] = os.pathsep.join(current + [p for p in includes if p not in current])
+    system_lib = any((Path(home) / lib / "libcudart.so").exists() for lib in ("lib64", "lib"))
+    cudart = None if system_lib else _pip_cudart()
+    if cudart is not None:
+        if cudart.name == "libcudart.so":
+            lib_dir = cudart.parent
+        else:
+            lib_dir = build_directory(env).parent / "perpneg3d-cudart"
+            lib_dir.mkdir(parents=True, exist_ok=True)
+            link = lib_dir / "libcudart.so"
+            if not link.exists():
+                link.symlink_to(cudart)
+        libs = [p for p in env.get("LIBRARY_PATH", "").split(os.pathsep) if p]
+        if str(lib_dir) not in libs:
+            out["LIBRARY_PATH"] = os.pathsep.join([str(lib_dir)] + libs)
+    return out
+
+
+def ensure_cuda_home() -> dict[str, str]:
+    """Put build_environment() into os.environ for an in-process build (a CUDA_HOME already set stays:
+    build_environment starts from it); returns what it set."""
+    was_set = bool(os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"))
+    updates = build_environment()
+    os.environ.update(updates)
+    if "CUDA_HOME" in updates:
+        extension = sys.modules.get("torch.utils.cpp_extension")
+        if extension is not None:  # already imported: it read CUDA_HOME at import time
+            extension.CUDA_HOME = updates["CUDA_HOME"]
+        if not was_set:
+            log.info("CUDA_HOME unset: using the toolkit at %s", updates["CUDA_HOME"])
+    return updates
 
 
 def toolkit_problems(env: dict | None = None, extra_include_dirs: list[Path] | None = None) -> list[str]:
@@ -189,41 +254,77 @@ def available() -> bool:
     return result.ok
 
 
+BUILD_CODE = "from nerfacc.cuda import _backend; import sys; sys.exit(0 if _backend._C is not None else 3)"
+# the compiler's and linker's own words first; Python's exceptions only when there are none (nerfacc's
+# "cannot import name 'csrc'" is its normal fallback to the JIT build, not the cause)
+CAUSE_LINE = re.compile(r"(fatal|error:|error \(|cannot find|undefined reference|No such file|Killed)", re.IGNORECASE)
+ERROR_LINE = re.compile(r"(error|not found)", re.IGNORECASE)
+
+
+def first_error(output: str) -> str:
+    """The line that says why a build failed: the first compiler or linker error, not ninja's closing
+    `ninja: build stopped` or Python's traceback lines."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for pattern in (CAUSE_LINE, ERROR_LINE):
+        causes = [ln for ln in lines if pattern.search(ln) and not ln.startswith(
+            ("ninja: build stopped", "Traceback", "RuntimeError: Error building", "ImportError: cannot import name 'csrc'"))]
+        if causes:
+            return causes[0][:300]
+    return (lines[-1:] or ["no output"])[0][:300]
+
+
 def build(timeout_s: float = 900.0) -> Probe:
-    """Build (or load) the kernels in a child process; on timeout kill it and remove the lock it left."""
+    """Build (or load) the kernels in a child process, in its own process group; on timeout kill the whole
+    group (nvcc and ninja too, not only the child) and remove the lock it left."""
     lock_before = stale_lock(build_directory())
     if lock_before is not None:
         return Probe(False, f"stale build lock {lock_before}: delete it (rm {lock_before}), then build again")
-    ensure_cuda_home()
-    code = "from nerfacc.cuda import _backend; import sys; sys.exit(0 if _backend._C is not None else 3)"
+    env = dict(os.environ, **build_environment())
     start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", BUILD_CODE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=env, start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
+        output, _ = child.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
         lock = stale_lock(build_directory())
         if lock is not None:
             lock.unlink(missing_ok=True)
-        return Probe(False, f"build did not finish in {timeout_s:.0f} s (killed; lock removed): run it again with a "
-                           "larger --timeout, or check nvcc and ninja", time.perf_counter() - start)
+        return Probe(False, f"build did not finish in {timeout_s:.0f} s (its processes killed; lock removed): run it "
+                           "again with a larger --timeout, or check nvcc and ninja", time.perf_counter() - start)
     seconds = time.perf_counter() - start
-    if done.returncode == 0:
+    if child.returncode == 0:
         return Probe(True, "built", seconds)
-    problems = toolkit_problems()
-    tail = (done.stderr.strip().splitlines() or ["nvcc not found on PATH"])[-1][:200]
-    return Probe(False, problems[0] if problems else f"build failed: {tail}", seconds)
+    if child.returncode == 3:
+        return Probe(False, "nerfacc found no nvcc on PATH: " + (toolkit_problems(env) or ["install the CUDA toolkit"])[0],
+                     seconds)
+    problems = toolkit_problems(env)
+    return Probe(False, f"build failed: {first_error(output)}" + (f" ({problems[0]})" if problems else ""), seconds)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Check or build nerfacc's CUDA kernels (see docs/gpu.md).")
     parser.add_argument("--build", action="store_true", help="build now, in a child process with a timeout")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds the build may take")
+    parser.add_argument("--without-device", action="store_true",
+                        help="build on a machine without a GPU (set TORCH_CUDA_ARCH_LIST, e.g. 9.0): a compile and link check")
     args = parser.parse_args(argv)
     print(f"build folder: {build_directory()}")
-    for problem in toolkit_problems():
+    for key, value in build_environment().items():
+        print(f"build environment: {key}={value}")
+    for problem in toolkit_problems(dict(os.environ, **build_environment())):
         print(f"problem: {problem}")
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.without_device:
         print("no CUDA device: nerfacc's marcher is not used on this machine (the stratified sampler is)")
         return 0 if not args.build else 1
+    if args.without_device:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            print("--without-device needs TORCH_CUDA_ARCH_LIST (the GPU's compute capability, e.g. 9.0 for H100/H200)")
+            return 2
+        result = build(args.timeout)
+        print(f"nerfacc CUDA kernels: {'built' if result.ok else 'failed'} ({result.reason}, {result.seconds:.1f} s)")
+        return 0 if result.ok else 1
     result = build(args.timeout) if args.build else probe()
     print(f"nerfacc CUDA kernels: {'ok' if result.ok else 'unavailable'} ({result.reason}, {result.seconds:.1f} s)")
     return 0 if result.ok else 1
