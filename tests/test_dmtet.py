@@ -1,0 +1,96 @@
+"""DMTet's foundations (issue 20, first part): the tetrahedral grid and marching tetrahedra, checked against
+geometry: volumes, shared faces, the box's surface, an analytic sphere's area and volume, and gradients."""
+import math
+
+import pytest
+import torch
+
+from perpneg3d.geometry.marching_tets import marching_tets, mesh_area_volume
+from perpneg3d.geometry.tet_grid import build_tet_grid, cached_tet_grid, tet_volumes
+
+
+def faces_of(tets):
+    """Every tet's 4 faces as sorted vertex triples [4T,3]."""
+    local = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]])
+    return tets[:, local].reshape(-1, 3).sort(-1).values
+
+
+@pytest.mark.parametrize("resolution, radius", [(3, 1.0), (8, 0.7)])
+def test_tet_grid_is_a_conforming_positive_cover_of_the_box(resolution, radius):
+    grid = build_tet_grid(resolution, radius)
+    assert grid.tets.shape == (6 * resolution ** 3, 4) and grid.vertices.shape == ((resolution + 1) ** 3, 3)
+    volumes = tet_volumes(grid.vertices.double(), grid.tets)
+    assert (volumes > 0).all()  # every tet positively oriented, none degenerate
+    assert volumes.sum().item() == pytest.approx((2 * radius) ** 3, rel=1e-6)  # they fill the box (no overlap: all > 0)
+    unique, counts = torch.unique(faces_of(grid.tets), dim=0, return_counts=True)
+    assert set(counts.tolist()) == {1, 2}  # a face is shared by two tets inside, owned by one on the boundary
+    boundary = grid.vertices.double()[unique[counts == 1]]  # [Fb,3,3]
+    on_a_side = ((boundary.abs() - radius).abs() < 1e-6).all(1).any(-1)  # all 3 vertices on one box face
+    assert on_a_side.all()
+    area = torch.linalg.cross(boundary[:, 1] - boundary[:, 0], boundary[:, 2] - boundary[:, 0]).norm(dim=-1).sum() / 2
+    assert area.item() == pytest.approx(6 * (2 * radius) ** 2, rel=1e-6)
+    # each cube's 6 tets share its main diagonal, so an inner face is cut along the same diagonal from both sides
+    assert (counts == 1).sum().item() == 6 * 2 * resolution ** 2
+
+
+def test_tet_grid_cache_round_trip(tmp_path):
+    built = cached_tet_grid(4, 0.5, cache_dir=tmp_path)
+    assert (tmp_path / "tets" / "grid_4.pt").is_file()
+    loaded = cached_tet_grid(4, 0.5, cache_dir=tmp_path)
+    fresh = build_tet_grid(4, 0.5)
+    assert torch.equal(loaded.tets, fresh.tets) and torch.allclose(loaded.vertices, fresh.vertices)
+    assert torch.equal(built.tets, loaded.tets)
+
+
+def edge_uses(faces):
+    """How often each directed and each undirected edge of a triangle mesh is used."""
+    directed = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+    undirected = directed.sort(-1).values
+    return (torch.unique(directed, dim=0, return_counts=True)[1], torch.unique(undirected, dim=0, return_counts=True)[1])
+
+
+def test_marching_tets_sphere_is_closed_manifold_with_the_right_area_and_volume():
+    grid = build_tet_grid(128, 1.0)
+    r = 0.6
+    vertices, faces = marching_tets(grid.vertices, grid.tets, grid.vertices.norm(dim=-1) - r)
+    directed, undirected = edge_uses(faces)
+    assert (undirected == 2).all()  # closed: every edge borders exactly two faces
+    assert (directed == 1).all()  # consistently oriented: neighbours traverse their edge in opposite directions
+    assert vertices.shape[0] - undirected.numel() + faces.shape[0] == 2  # Euler characteristic of a sphere
+    area, volume = mesh_area_volume(vertices.double(), faces)
+    assert area.item() == pytest.approx(4 * math.pi * r ** 2, rel=0.02)
+    assert volume.item() == pytest.approx(4 / 3 * math.pi * r ** 3, rel=0.02)  # positive: normals point outward
+
+
+def test_marching_tets_gradients_move_the_surface():
+    """A plane's signed distance x - 0.1 + c is linear along every edge, so each surface vertex sits at
+    x = 0.1 - c exactly: d(sum of x)/dc = -(number of vertices). Translating every grid vertex by d along y
+    translates every surface vertex by d: d(sum of y)/dd = number of vertices."""
+    grid = build_tet_grid(24, 1.0)
+    base = grid.vertices.double()
+    shift = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    plane, _ = marching_tets(base, grid.tets, base[:, 0] - 0.1 + shift)
+    assert torch.allclose(plane[:, 0], torch.full((plane.shape[0],), 0.1, dtype=torch.float64))
+    plane[:, 0].sum().backward()
+    assert shift.grad.item() == pytest.approx(-plane.shape[0], rel=1e-9)
+
+    move = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    mesh, _ = marching_tets(base + move, grid.tets, base.norm(dim=-1) - 0.5)
+    mesh[:, 1].sum().backward()
+    assert move.grad.tolist() == pytest.approx([0.0, mesh.shape[0], 0.0], abs=1e-6)
+
+
+def test_marching_tets_on_a_single_tet_by_hand():
+    """One tet, vertex 0 inside (s = -1), the others outside (s = 1, 1, 3): the triangle's vertices are the
+    edge midpoints toward 1 and 2 and the point a quarter of the way toward 3, and its normal points away
+    from vertex 0."""
+    vertices = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    points, faces = marching_tets(vertices, torch.tensor([[0, 1, 2, 3]]), torch.tensor([-1.0, 1.0, 1.0, 3.0]))
+    assert faces.shape == (1, 3)
+    got = sorted(points[faces[0]].tolist())
+    assert got == sorted([[0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.25]])
+    tri = points[faces[0]]
+    normal = torch.linalg.cross(tri[1] - tri[0], tri[2] - tri[0])
+    assert (normal * (tri.mean(0) - vertices[0])).sum() > 0
+    none = marching_tets(vertices, torch.tensor([[0, 1, 2, 3]]), torch.ones(4))
+    assert none[0].shape == (0, 3) and none[1].shape == (0, 3)
