@@ -164,3 +164,17 @@ class Renderer(Protocol):
 
     def param_groups(self) -> dict[str, list]:
         """Named trainable parameter groups (renderer.<name> in trainer.learning_rates)."""
+
+
+@runtime_checkable
+class Rasterizer(Protocol):
+    """Triangle rasterization in nvdiffrast's conventions (docs/architecture.md, "Second stage"): clip-space
+    vertices, pixel (i, j) centred at NDC x = (2i + 1) / W - 1, y = (2j + 1) / H - 1 (row 0 at y = -1)."""
+
+    def rasterize(self, clip: Tensor, faces: Tensor, resolution: tuple[int, int]) -> Tensor:
+        """clip [B,V,4], faces [F,3] int -> rast [B,H,W,4]: (u, v, z/w, triangle id + 1; 0 where empty), u and v
+        the perspective-correct barycentrics of the face's vertices 0 and 1 (vertex 2 gets 1 - u - v),
+        differentiable with respect to clip."""
+
+    def interpolate(self, attributes: Tensor, rast: Tensor, faces: Tensor) -> Tensor:
+        """attributes [V,C] or [B,V,C] -> [B,H,W,C] at each pixel's barycentrics (0 where empty)."""

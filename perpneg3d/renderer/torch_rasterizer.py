@@ -1,0 +1,130 @@
+"""A vectorised triangle rasterizer in pure torch (CPU, and CUDA's fallback), in nvdiffrast's conventions.
+
+Faces are binned into square tiles of pixels by their screen bounding boxes; every (tile, face) pair tests
+the tile's pixel centres with the face's edge functions; a depth test (smallest z/w, then the smallest face
+id) picks each pixel's face. Barycentrics are then recomputed for the chosen (pixel, face) pairs only, with
+autograd, and made perspective-correct: b_i = (e_i / w_i) / sum_k (e_k / w_k) with e the screen-space ones.
+Coverage and the depth test are not differentiable (as in any rasterizer); gradients reach vertex
+positions through the barycentrics and the interpolated depth. Faces with a vertex behind the camera
+(w <= 0) are not drawn (no clipping).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from perpneg3d.validation import PositiveInt, validated
+
+
+class TorchRasterizer:
+    """rasterize() and interpolate() of the Rasterizer Protocol; `tile` pixels per tile side."""
+
+    @validated("renderer.rasterizer")
+    def __init__(self, tile: PositiveInt = 8):
+        self.tile = tile
+
+    def rasterize(self, clip: Tensor, faces: Tensor, resolution: tuple[int, int]) -> Tensor:
+        height, width = resolution
+        batch = clip.shape[0]
+        out = clip.new_zeros(batch, height * width, 4)
+        for b in range(batch):  # the images of a batch are independent; each is vectorised over faces and pixels
+            pixel, face = self._visible(clip[b].detach(), faces, height, width)
+            if pixel.numel():
+                bary, depth = self._barycentrics(clip[b], faces[face], pixel, height, width)
+                values = torch.cat([bary[:, :2], depth.unsqueeze(-1), (face + 1).to(clip.dtype).unsqueeze(-1)], -1)
+                out[b] = out[b].index_put((pixel,), values)
+        return out.view(batch, height, width, 4)
+
+    def interpolate(self, attributes: Tensor, rast: Tensor, faces: Tensor) -> Tensor:
+        batch, height, width, _ = rast.shape
+        if attributes.dim() == 2:
+            attributes = attributes.unsqueeze(0).expand(batch, -1, -1)
+        face = rast[..., 3].long() - 1  # [B,H,W], -1 where empty
+        covered = (face >= 0).unsqueeze(-1)
+        corners = faces[face.clamp_min(0)]  # [B,H,W,3]
+        u, v = rast[..., :1], rast[..., 1:2]
+        weights = torch.cat([u, v, 1 - u - v], -1)  # [B,H,W,3]
+        gathered = torch.stack([torch.gather(attributes, 1, corners[..., k].view(batch, -1, 1).expand(
+            -1, -1, attributes.shape[-1])).view(batch, height, width, -1) for k in range(3)], -2)  # [B,H,W,3,C]
+        return ((weights.unsqueeze(-1) * gathered).sum(-2)) * covered
+
+    # -- internals -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _screen(clip: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """Pixel coordinates [V,2] (pixel centres at integers + 0.5) and z/w [V] of clip-space vertices."""
+        w = clip[:, 3:4]
+        ndc = clip[:, :3] / w
+        xy = torch.stack([(ndc[:, 0] + 1) * width / 2, (ndc[:, 1] + 1) * height / 2], -1)
+        return xy, ndc[:, 2]
+
+    def _visible(self, clip: Tensor, faces: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """For every covered pixel (flat index), the face drawn there: the nearest covering face."""
+        xy, z = self._screen(clip, height, width)
+        tri, tz = xy[faces], z[faces]  # [F,3,2], [F,3]
+        front = (clip[faces][..., 3] > 0).all(-1)
+        area = _cross2(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        drawable = front & (area.abs() > 1e-12)
+        t = self.tile
+        tiles_x, tiles_y = -(-width // t), -(-height // t)
+        lo = (tri.amin(1) - 0.5).floor().clamp_min(0)
+        hi = (tri.amax(1) - 0.5).ceil().clamp(max=torch.tensor([width - 1, height - 1], dtype=xy.dtype))
+        drawable &= (hi >= lo).all(-1)
+        ids = torch.nonzero(drawable).squeeze(-1)
+        if ids.numel() == 0:
+            return ids, ids
+        t_lo, t_hi = (lo[ids] / t).long(), (hi[ids] / t).long()
+        span = t_hi - t_lo + 1  # tiles per axis
+        counts = span[:, 0] * span[:, 1]
+        pair_face = ids.repeat_interleave(counts)  # one row per (face, tile) pair
+        start = torch.cumsum(counts, 0) - counts
+        k = torch.arange(int(counts.sum()), device=xy.device) - start.repeat_interleave(counts)
+        sx = span[:, 0].repeat_interleave(counts)
+        tile_x = t_lo[:, 0].repeat_interleave(counts) + k % sx
+        tile_y = t_lo[:, 1].repeat_interleave(counts) + k // sx
+        offs = torch.arange(t, device=xy.device)
+        px = (tile_x.unsqueeze(-1) * t + offs).unsqueeze(1).expand(-1, t, -1)  # [P,t,t]
+        py = (tile_y.unsqueeze(-1) * t + offs).unsqueeze(2).expand(-1, -1, t)
+        inside_image = (px < width) & (py < height)
+        centre = torch.stack([px + 0.5, py + 0.5], -1).to(xy.dtype)  # [P,t,t,2]
+        e = _edge_functions(tri[pair_face].view(-1, 1, 1, 3, 2), centre)  # [P,t,t,3]
+        sign = torch.sign(area[pair_face]).view(-1, 1, 1, 1)
+        covered = ((e * sign) >= 0).all(-1) & inside_image
+        pix = (py * width + px)[covered]
+        fid = pair_face.view(-1, 1, 1).expand(-1, t, t)[covered]
+        bary = e[covered] / area[fid].unsqueeze(-1)
+        depth = (bary * tz[fid]).sum(-1)
+        # depth test: the smallest z/w per pixel, then among equals the smallest face id
+        best = torch.full((height * width,), float("inf"), dtype=depth.dtype, device=depth.device)
+        best = best.scatter_reduce(0, pix, depth, reduce="amin")
+        win = depth <= best[pix]
+        pix, fid = pix[win], fid[win]
+        first = torch.full((height * width,), faces.shape[0], dtype=torch.long, device=depth.device)
+        first = first.scatter_reduce(0, pix, fid, reduce="amin")
+        pixels = torch.nonzero(first < faces.shape[0]).squeeze(-1)
+        return pixels, first[pixels]
+
+    def _barycentrics(self, clip: Tensor, corners: Tensor, pixel: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """Perspective-correct barycentrics [N,3] and z/w [N] at pixel centres, differentiable in clip."""
+        xy, z = self._screen(clip, height, width)
+        tri = xy[corners]  # [N,3,2]
+        centre = torch.stack([pixel % width + 0.5, torch.div(pixel, width, rounding_mode="floor") + 0.5], -1).to(xy.dtype)
+        e = _edge_functions(tri, centre)
+        area = _cross2(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).unsqueeze(-1)
+        screen = e / area  # screen-space barycentrics: z/w is linear in them
+        depth = (screen * z[corners]).sum(-1)
+        inv_w = 1 / clip[corners][..., 3]
+        persp = screen * inv_w
+        return persp / persp.sum(-1, keepdim=True), depth
+
+
+def _cross2(a: Tensor, b: Tensor) -> Tensor:
+    return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
+
+
+def _edge_functions(tri: Tensor, point: Tensor) -> Tensor:
+    """[...,3] e_i = twice the signed area of the triangle (point, v_{i+1}, v_{i+2}): the unnormalised
+    barycentric of vertex i (e_0 + e_1 + e_2 = twice the triangle's signed area)."""
+    v0, v1, v2 = tri[..., 0, :], tri[..., 1, :], tri[..., 2, :]
+    return torch.stack([_cross2(v1 - point, v2 - point), _cross2(v2 - point, v0 - point),
+                        _cross2(v0 - point, v1 - point)], -1)
