@@ -178,3 +178,7 @@ class Rasterizer(Protocol):
 
     def interpolate(self, attributes: Tensor, rast: Tensor, faces: Tensor) -> Tensor:
         """attributes [V,C] or [B,V,C] -> [B,H,W,C] at each pixel's barycentrics (0 where empty)."""
+
+    def antialias(self, color: Tensor, rast: Tensor, clip: Tensor, faces: Tensor) -> Tensor:
+        """color [B,H,W,C] blended across face boundaries, differentiable with respect to clip: the gradients
+        through silhouettes (a flat-coloured shape moves only by them)."""

@@ -110,3 +110,61 @@ def test_the_tile_size_changes_nothing(tile):
     rotation = torch.linalg.matrix_exp(torch.tensor([[0, -0.4, 0.3], [0.4, 0, -0.5], [-0.3, 0.5, 0]], dtype=torch.float64))
     clip = clip_of((corners @ rotation.T).tolist())
     assert torch.equal(TorchRasterizer(tile=tile).rasterize(clip, faces, (13, 11)), R.rasterize(clip, faces, (13, 11)))
+
+
+def flat_image(clip, faces, size=32):
+    rast = R.rasterize(clip, faces, (size, size))
+    ones = torch.ones(clip.shape[1], 1, dtype=torch.float64)
+    return R.antialias(R.interpolate(ones, rast, faces), rast, clip, faces)
+
+
+def finite_differences(fn, clip, eps=1e-6):
+    """Central differences of fn with respect to every vertex's clip x and y."""
+    numeric = torch.zeros_like(clip)
+    for idx in itertools.product(*(range(n) for n in clip.shape[:2]), range(2)):
+        plus, minus = clip.clone(), clip.clone()
+        plus[idx] += eps
+        minus[idx] -= eps
+        numeric[idx] = (fn(plus) - fn(minus)) / (2 * eps)
+    return numeric
+
+
+@pytest.mark.parametrize("xyz", [[[-0.63, -0.57, 0.3], [0.71, -0.42, 0.3], [-0.38, 0.66, 0.3]],
+                                 [[0.52, 0.61, 0.3], [-0.44, 0.27, 0.3], [0.13, -0.71, 0.3]]])
+def test_antialias_gives_silhouette_gradients_and_area_coverage(xyz):
+    """A flat white triangle on black: without antialiasing its image does not depend on where its vertices
+    are (within a pixel); with it, the image's gradient matches finite differences, and the image's sum is the
+    triangle's area in pixels (within 1%), where the raw coverage counts whole pixels."""
+    clip = clip_of(xyz)
+    faces = torch.tensor([[0, 1, 2]])
+    weights = torch.rand(1, 32, 32, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def loss(c):
+        return (flat_image(c, faces) * weights).sum()
+
+    c = clip.clone().requires_grad_(True)
+    loss(c).backward()
+    assert torch.allclose(c.grad[..., :2], finite_differences(loss, clip)[..., :2], rtol=1e-5, atol=1e-6)
+    assert c.grad[0, :, :2].abs().min() > 1  # every vertex moves the silhouette
+    pixels = (clip[0, :, :2] + 1) * 16
+    area = abs(float((pixels[1] - pixels[0])[0] * (pixels[2] - pixels[0])[1]
+                     - (pixels[1] - pixels[0])[1] * (pixels[2] - pixels[0])[0])) / 2
+    assert flat_image(clip, faces).sum().item() == pytest.approx(area, rel=0.01)
+
+
+def test_antialias_moves_an_occluding_edge_over_another_face():
+    """A small near triangle over a large far one, in two colours: the near one's vertices get gradients that
+    match finite differences through its edges over the far face."""
+    clip = clip_of([[-0.9, -0.9, 0.8], [0.9, -0.9, 0.8], [0.0, 0.9, 0.8],
+                    [-0.31, -0.27, 0.1], [0.36, -0.22, 0.1], [0.04, 0.41, 0.1]])
+    faces = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    colours = torch.tensor([[0.2], [0.2], [0.2], [0.9], [0.9], [0.9]], dtype=torch.float64)
+
+    def loss(c):
+        rast = R.rasterize(c, faces, (24, 24))
+        return R.antialias(R.interpolate(colours, rast, faces), rast, c, faces).sum()
+
+    c = clip.clone().requires_grad_(True)
+    loss(c).backward()
+    assert torch.allclose(c.grad[..., :2], finite_differences(loss, clip)[..., :2], rtol=1e-5, atol=1e-6)
+    assert c.grad[0, 3:, :2].abs().min() > 0.1

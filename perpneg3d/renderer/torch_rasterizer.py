@@ -48,6 +48,66 @@ class TorchRasterizer:
             -1, -1, attributes.shape[-1])).view(batch, height, width, -1) for k in range(3)], -2)  # [B,H,W,3,C]
         return ((weights.unsqueeze(-1) * gathered).sum(-2)) * covered
 
+    def antialias(self, color: Tensor, rast: Tensor, clip: Tensor, faces: Tensor) -> Tensor:
+        """Blend across triangle boundaries so that gradients reach vertex positions through silhouettes.
+
+        For each pair of horizontally or vertically adjacent pixels that show different faces (or a face and
+        the background), the face in front is followed from its pixel centre towards the other: where its edge
+        crosses that segment, at t in [0, 1] (0 at its own centre, 1 at the other), it covers its own pixel up to
+        t and the other one beyond 0.5. The uncovered (t < 0.5) or covered (t > 0.5) share |t - 0.5| of a pixel
+        moves that pixel's colour towards the other's. t depends on the vertex positions, so the image does too
+        (nvdiffrast's antialias does the same job with its own edge analysis)."""
+        batch, height, width, _ = rast.shape
+        images = []
+        for b in range(batch):
+            xy, z = self._screen(clip[b], height, width)
+            face = rast[b, ..., 3].long() - 1
+            # pairs along x (columns) and along y (rows), both from the unblended colours
+            images.append(color[b] + sum(self._edge_blend(color[b], face, xy, z, faces, axis) for axis in (1, 0)))
+        return torch.stack(images)
+
+    @staticmethod
+    def _edge_blend(color: Tensor, face: Tensor, xy: Tensor, z: Tensor, faces: Tensor, axis: int) -> Tensor:
+        """The colour change [H,W,C] that the boundary crossings between neighbours along `axis` make."""
+        height, width = face.shape
+        lo = [slice(None), slice(None)]
+        hi = [slice(None), slice(None)]
+        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+        f_a, f_b = face[tuple(lo)], face[tuple(hi)]
+        rows, cols = torch.meshgrid(torch.arange(height, device=xy.device), torch.arange(width, device=xy.device),
+                                    indexing="ij")
+        centre = torch.stack([cols + 0.5, rows + 0.5], -1).to(xy.dtype)
+        c_a, c_b = centre[tuple(lo)], centre[tuple(hi)]
+        differ = f_a != f_b
+
+        def crossing(f_own, c_own, c_other):
+            """t of the first edge of face f_own met on the way from c_own to c_other ([...]; inf: none)."""
+            tri = xy[faces[f_own.clamp_min(0)]]  # [...,3,2]
+            area = _cross2(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :]).unsqueeze(-1)
+            e_own = _edge_functions(tri, c_own) * torch.sign(area)
+            e_other = _edge_functions(tri, c_other) * torch.sign(area)
+            leaves = (e_own >= 0) & (e_other < 0)
+            t = e_own / (e_own - e_other).where(leaves, torch.ones_like(e_own))
+            t = t.where(leaves, torch.full_like(t, float("inf"))).amin(-1)
+            return t.where((f_own >= 0) & differ, torch.full_like(t, float("inf")))
+
+        t_a, t_b = crossing(f_a, c_a, c_b), crossing(f_b, c_b, c_a)
+        # the face in front at the crossing: a's if only a's leaves towards b, else the nearer of the two
+        z_a = _depth_at(xy, z, faces, f_a, c_a + (c_b - c_a) * t_a.clamp(0, 1).unsqueeze(-1))
+        z_b = _depth_at(xy, z, faces, f_b, c_b + (c_a - c_b) * t_b.clamp(0, 1).unsqueeze(-1))
+        a_front = torch.isfinite(t_a) & (~torch.isfinite(t_b) | (f_b < 0) | ((f_a >= 0) & (z_a <= z_b)))
+        b_front = torch.isfinite(t_b) & ~a_front
+        col_a, col_b = color[tuple(lo)], color[tuple(hi)]
+        share_a = (t_a - 0.5).where(a_front, torch.zeros_like(t_a)).unsqueeze(-1)  # a's face reaching into b (> 0)
+        share_b = (t_b - 0.5).where(b_front, torch.zeros_like(t_b)).unsqueeze(-1)
+        delta = torch.zeros_like(color)
+        # a in front: beyond 0.5 it covers part of b (b moves towards a); short of 0.5 it leaves part of a to b
+        delta[tuple(hi)] += share_a.clamp_min(0) * (col_a - col_b)
+        delta[tuple(lo)] += (-share_a).clamp_min(0) * (col_b - col_a)
+        delta[tuple(lo)] += share_b.clamp_min(0) * (col_b - col_a)
+        delta[tuple(hi)] += (-share_b).clamp_min(0) * (col_a - col_b)
+        return delta
+
     # -- internals -----------------------------------------------------------------------------
 
     @staticmethod
@@ -128,3 +188,12 @@ def _edge_functions(tri: Tensor, point: Tensor) -> Tensor:
     v0, v1, v2 = tri[..., 0, :], tri[..., 1, :], tri[..., 2, :]
     return torch.stack([_cross2(v1 - point, v2 - point), _cross2(v2 - point, v0 - point),
                         _cross2(v0 - point, v1 - point)], -1)
+
+
+def _depth_at(xy: Tensor, z: Tensor, faces: Tensor, face: Tensor, point: Tensor) -> Tensor:
+    """z/w of `face` (screen-linear) at screen points [...,2]; +inf where face < 0."""
+    tri = xy[faces[face.clamp_min(0)]]
+    area = _cross2(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :]).unsqueeze(-1)
+    bary = _edge_functions(tri, point) / area.where(area.abs() > 1e-12, torch.ones_like(area))
+    depth = (bary * z[faces[face.clamp_min(0)]]).sum(-1)
+    return depth.where(face >= 0, torch.full_like(depth, float("inf")))
