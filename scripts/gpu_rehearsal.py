@@ -149,19 +149,15 @@ def main(argv=None) -> int:
     parser.add_argument("--python", default=None, help="a Python of that version here (default: python<version>)")
     parser.add_argument("--skip-tests", action="store_true", help="leave out the CPU test suite (about 10 minutes)")
     args = parser.parse_args(argv)
-    args.python = args.python or shutil.which(f"python{args.python_version}") or _pyenv(args.python_version)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from make_wheelhouse import find_python
+
+    args.python = args.python or find_python(args.python_version)
     if args.python is None:
         print(f"gpu_rehearsal: no python{args.python_version} here: install it (pyenv install {args.python_version}) "
               f"or pass --python")
         return 2
     return Rehearsal(args).run()
-
-
-def _pyenv(version: str) -> str | None:
-    """A pyenv-installed Python of that minor version (pyenv's shims answer only for the active one)."""
-    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    found = sorted(root.glob(f"{version}.*/bin/python{version}")) if root.is_dir() else []
-    return str(found[-1]) if found else None
 
 
 if __name__ == "__main__":

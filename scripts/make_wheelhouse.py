@@ -87,6 +87,22 @@ def stand_in_wheel(name: str, version: str, folder: Path) -> Path:
     return wheel
 
 
+def find_python(version: str) -> str | None:
+    """A Python of that major.minor that really runs: python<version> on PATH (a pyenv shim for a version
+    that is not active fails), else pyenv's own install of it."""
+    import os
+
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = [shutil.which(f"python{version}")]
+    candidates += [str(p) for p in sorted(root.glob(f"{version}.*/bin/python{version}"), reverse=True)] if root.is_dir() else []
+    for candidate in filter(None, candidates):
+        done = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                              capture_output=True, text=True)
+        if done.returncode == 0 and done.stdout.strip() == version:
+            return candidate
+    return None
+
+
 def pip(python: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([python, "-m", "pip", *args], capture_output=True, text=True)
 
@@ -233,7 +249,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dest", type=Path, default=Path("wheelhouse"))
     parser.add_argument("--platform", default=None, help="ignored (kept for old command lines): all manylinux tags are tried")
     args = parser.parse_args(argv)
-    python = args.resolver_python or shutil.which(f"python{args.python_version}") or sys.executable
+    python = args.resolver_python or find_python(args.python_version) or sys.executable
+    if python == sys.executable and f"{sys.version_info.major}.{sys.version_info.minor}" != args.python_version:
+        print(f"no python{args.python_version} here: resolving with {python}, whose version decides pip's environment "
+              f"markers (pass --resolver-python)")
     node = read_node_packages(args.node_packages)
     dest = args.dest
     if dest.exists():
