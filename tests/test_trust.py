@@ -128,6 +128,15 @@ def test_resume_from_an_older_checkpoint_sets_the_later_history_aside(tmp_path):
     assert torch.equal(final_table(run), final_table(straight))  # one continuous history, exact on CPU
 
 
+def test_a_missing_resume_target_names_itself(tmp_path):
+    from perpneg3d.errors import CheckpointError
+
+    with pytest.raises(CheckpointError) as err:
+        train(compose_train(SHORT + [f"resume={tmp_path}/no/such/step_0000003.ckpt"], tmp_path))
+    assert str(err.value) == (f"checkpoint {tmp_path}/no/such/step_0000003.ckpt does not exist: pass a run folder or a "
+                              "file from its ckpts/")
+
+
 def test_max_steps_below_the_checkpoint_is_refused(tmp_path):
     run = train(compose_train(SHORT, tmp_path))
     with pytest.raises(ConfigError) as err:

@@ -48,6 +48,8 @@ def prepare_run_dir(cfg: DictConfig, overrides: list[str] | None, lock: RunLock)
     run from its own config.yaml (resume_config); otherwise a fresh folder and `cfg` as given. The
     run folder is locked (`lock`) before anything in it is read or moved."""
     if cfg.resume:
+        if not Path(str(cfg.resume)).expanduser().exists():
+            resolve_resume(str(cfg.resume))  # raises its one line: no such run folder or checkpoint
         run_dir = run_dir_of(str(cfg.resume))
         check_writable(run_dir)
         lock.acquire(run_dir)
