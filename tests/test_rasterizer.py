@@ -167,4 +167,4 @@ def test_antialias_moves_an_occluding_edge_over_another_face():
     c = clip.clone().requires_grad_(True)
     loss(c).backward()
     assert torch.allclose(c.grad[..., :2], finite_differences(loss, clip)[..., :2], rtol=1e-5, atol=1e-6)
-    assert c.grad[0, 3:, :2].abs().min() > 0.1
+    assert c.grad[0, 3:, :2].abs().min() > 0.05  # every coordinate of the near face moves an edge over the far one

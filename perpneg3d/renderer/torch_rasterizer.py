@@ -16,6 +16,9 @@ from torch import Tensor
 from perpneg3d.validation import PositiveInt, validated
 
 
+WALK_STEPS = 64  # at most this many faces crossed between two pixel centres (foreshortened ones near a rim)
+
+
 class TorchRasterizer:
     """rasterize() and interpolate() of the Rasterizer Protocol; `tile` pixels per tile side."""
 
@@ -55,19 +58,30 @@ class TorchRasterizer:
         the background), the face in front is followed from its pixel centre towards the other: where its edge
         crosses that segment, at t in [0, 1] (0 at its own centre, 1 at the other), it covers its own pixel up to
         t and the other one beyond 0.5. The uncovered (t < 0.5) or covered (t > 0.5) share |t - 0.5| of a pixel
-        moves that pixel's colour towards the other's. t depends on the vertex positions, so the image does too
-        (nvdiffrast's antialias does the same job with its own edge analysis)."""
+        moves that pixel's colour towards the other's; the x and y passes are averaged. t depends on the vertex positions, so the image does too
+        (nvdiffrast's antialias does the same job with its own edge analysis). Only silhouette edges count (no
+        face beyond, or one facing away): an edge between two faces of one visible surface is no boundary."""
         batch, height, width, _ = rast.shape
+        neighbour = edge_neighbours(faces)
         images = []
         for b in range(batch):
             xy, z = self._screen(clip[b], height, width)
             face = rast[b, ..., 3].long() - 1
-            # pairs along x (columns) and along y (rows), both from the unblended colours
-            images.append(color[b] + sum(self._edge_blend(color[b], face, xy, z, faces, axis) for axis in (1, 0)))
+            tri = xy[faces].detach()
+            facing = torch.sign(_cross2(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]))
+            # a silhouette edge: no face beyond it, or the one beyond faces the other way (front vs back; a
+            # degenerate face, of zero screen area, decides nothing)
+            silhouette = (neighbour < 0) | (facing[neighbour.clamp_min(0)] * facing.unsqueeze(-1) < 0)
+            # pairs along x (columns) and along y (rows), both from the unblended colours, averaged: either pass
+            # alone moves a pixel's coverage by the whole of an edge's displacement (an edge at angle a crosses
+            # |cos a| x-pairs per unit length, each moved by 1/|cos a|), so their sum would count it twice
+            images.append(color[b] + 0.5 * sum(self._edge_blend(color[b], face, xy, z, faces, silhouette, neighbour,
+                                                                axis) for axis in (1, 0)))
         return torch.stack(images)
 
     @staticmethod
-    def _edge_blend(color: Tensor, face: Tensor, xy: Tensor, z: Tensor, faces: Tensor, axis: int) -> Tensor:
+    def _edge_blend(color: Tensor, face: Tensor, xy: Tensor, z: Tensor, faces: Tensor, silhouette: Tensor,
+                    neighbour: Tensor, axis: int) -> Tensor:
         """The colour change [H,W,C] that the boundary crossings between neighbours along `axis` make."""
         height, width = face.shape
         lo = [slice(None), slice(None)]
@@ -81,15 +95,28 @@ class TorchRasterizer:
         differ = f_a != f_b
 
         def crossing(f_own, c_own, c_other):
-            """t of the first edge of face f_own met on the way from c_own to c_other ([...]; inf: none)."""
-            tri = xy[faces[f_own.clamp_min(0)]]  # [...,3,2]
-            area = _cross2(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :]).unsqueeze(-1)
-            e_own = _edge_functions(tri, c_own) * torch.sign(area)
-            e_other = _edge_functions(tri, c_other) * torch.sign(area)
-            leaves = (e_own >= 0) & (e_other < 0)
-            t = e_own / (e_own - e_other).where(leaves, torch.ones_like(e_own))
-            t = t.where(leaves, torch.full_like(t, float("inf"))).amin(-1)
-            return t.where((f_own >= 0) & differ, torch.full_like(t, float("inf")))
+            """t where the surface of face f_own ends on the way from c_own to c_other ([...]; inf: it does not
+            end before c_other): leave the face where the segment does; an inner edge hands the walk to the face
+            beyond it (small faces end between pixel centres long before the surface does)."""
+            t = torch.full(f_own.shape, float("inf"), dtype=xy.dtype, device=xy.device)
+            current, open_ = f_own.clamp_min(0), (f_own >= 0) & differ
+            for _ in range(WALK_STEPS):
+                tri = xy[faces[current]]  # [...,3,2]
+                sign = torch.sign(_cross2(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :])).unsqueeze(-1)
+                e_own, e_other = _edge_functions(tri, c_own) * sign, _edge_functions(tri, c_other) * sign
+                falling = e_other < e_own  # edges the segment leaves through (their function decreases along it)
+                t_edge = (e_own / (e_own - e_other).where(falling, torch.ones_like(e_own))).where(
+                    falling, torch.full_like(e_own, float("inf")))
+                t_exit, edge = t_edge.min(-1)
+                beyond = t_exit > 1  # the face reaches the other centre: no boundary on this segment
+                at_silhouette = torch.gather(silhouette[current], -1, edge.unsqueeze(-1)).squeeze(-1)
+                found = open_ & ~beyond & at_silhouette
+                t = t.where(~found, t_exit)
+                open_ = open_ & ~beyond & ~at_silhouette
+                current = torch.gather(neighbour[current], -1, edge.unsqueeze(-1)).squeeze(-1).clamp_min(0)
+                if not bool(open_.any()):  # every walk has ended (a host read: this is the CPU rasterizer)
+                    break
+            return t
 
         t_a, t_b = crossing(f_a, c_a, c_b), crossing(f_b, c_b, c_a)
         # the face in front at the crossing: a's if only a's leaves towards b, else the nearer of the two
@@ -197,3 +224,24 @@ def _depth_at(xy: Tensor, z: Tensor, faces: Tensor, face: Tensor, point: Tensor)
     bary = _edge_functions(tri, point) / area.where(area.abs() > 1e-12, torch.ones_like(area))
     depth = (bary * z[faces[face.clamp_min(0)]]).sum(-1)
     return depth.where(face >= 0, torch.full_like(depth, float("inf")))
+
+
+def edge_neighbours(faces: Tensor) -> Tensor:
+    """[F,3] the face across each face's edge i (the edge opposite its vertex i), -1 where there is none or
+    more than one (a mesh boundary, or a non-manifold edge: both treated as silhouettes)."""
+    n_faces = faces.shape[0]
+    ends = torch.stack([faces[:, [1, 2]], faces[:, [2, 0]], faces[:, [0, 1]]], 1).sort(-1).values  # [F,3,2]
+    keys = (ends[..., 0] * (int(faces.max()) + 1) + ends[..., 1]).reshape(-1)
+    order = torch.argsort(keys)
+    ranked = keys[order]
+    starts = torch.ones_like(ranked, dtype=torch.bool)
+    starts[1:] = ranked[1:] != ranked[:-1]
+    group = torch.cumsum(starts.long(), 0) - 1
+    size = torch.bincount(group)[group]
+    pair_first = starts & (size == 2)  # the first of exactly two uses of an edge
+    first = order[pair_first]
+    second = order[torch.nonzero(pair_first).squeeze(-1) + 1]
+    neighbour = torch.full((3 * n_faces,), -1, dtype=torch.long, device=faces.device)
+    neighbour[first] = second // 3
+    neighbour[second] = first // 3
+    return neighbour.view(n_faces, 3)

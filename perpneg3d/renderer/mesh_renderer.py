@@ -1,0 +1,105 @@
+"""Rasterizing renderer: a surface geometry's mesh, seen from a CameraBatch, as the same RenderOutput the
+volume renderer gives (rgb over the background, opacity, depth, normals), so the trainer, guidance and
+prompts do not know which stage runs (docs/architecture.md, "Second stage").
+
+The camera is the project's pinhole (OpenGL axes, docs/conventions.md) as a perspective projection whose
+pixel centres coincide with CameraBatch.rays(); the rasterizer's row 0 is at the bottom (NDC y = -1), so
+images are flipped to put row 0 at the top as everywhere else. Shading and backgrounds are the volume
+renderer's. Silhouette gradients come from the rasterizer's antialias, applied to colour and coverage.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from perpneg3d.cameras.camera_batch import CameraBatch
+from perpneg3d.contracts import Rasterizer
+from perpneg3d.random_streams import RandomStreams
+from perpneg3d.renderer.torch_rasterizer import TorchRasterizer
+from perpneg3d.renderer.volume_renderer import RenderOutput
+from perpneg3d.validation import PositiveFloat, validated
+
+
+def projection(cameras: CameraBatch, near: float, far: float) -> Tensor:
+    """[B,4,4] world -> clip: OpenGL perspective (fovy, aspect W/H) times the world-to-camera matrix."""
+    f = 1.0 / torch.tan(torch.deg2rad(cameras.fovy_deg) / 2)
+    proj = torch.zeros(cameras.batch_size, 4, 4, device=cameras.device, dtype=cameras.c2w.dtype)
+    proj[:, 0, 0] = f * cameras.height / cameras.width
+    proj[:, 1, 1] = f
+    proj[:, 2, 2] = (far + near) / (near - far)
+    proj[:, 2, 3] = 2 * far * near / (near - far)
+    proj[:, 3, 2] = -1.0
+    return proj @ torch.linalg.inv(cameras.c2w)
+
+
+def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
+    """[V,3] unit normals: the area-weighted sum of the adjacent faces' normals."""
+    v0, v1, v2 = vertices[faces].unbind(1)
+    face_normals = torch.linalg.cross(v1 - v0, v2 - v0)  # length = twice the area: area weighting
+    normals = torch.zeros_like(vertices).index_add(0, faces.reshape(-1), face_normals.repeat_interleave(3, 0))
+    return F.normalize(normals, dim=-1)
+
+
+class MeshRenderer(nn.Module):
+    """Renders a Surface (mesh() -> vertices [M,3], faces [F,3]; albedo(points)) with a Rasterizer."""
+
+    @validated("renderer")
+    def __init__(self, background: nn.Module, material, rasterizer: Rasterizer | None = None, near: PositiveFloat = 0.05,
+                 far: PositiveFloat = 100.0):
+        super().__init__()
+        self.background, self.material = background, material
+        self.rasterizer = rasterizer if rasterizer is not None else TorchRasterizer()
+        self.near, self.far = near, far
+
+    @property
+    def backend(self) -> str:
+        return type(self.rasterizer).__name__
+
+    def param_groups(self) -> dict[str, list]:
+        return {"background": list(self.background.parameters())}
+
+    def choose_shading(self, step: int, generator: torch.Generator) -> str:
+        return self.material.choose_shading(step, generator)
+
+    def update(self, step: int, geometry) -> None:
+        """Nothing per step (a volume renderer's occupancy grid has no counterpart here)."""
+
+    def forward(self, geometry, cameras: CameraBatch, shading: str = "albedo", with_normals: bool = False,
+                rng: RandomStreams | None = None) -> RenderOutput:
+        b, h, w = cameras.batch_size, cameras.height, cameras.width
+        vertices, faces = geometry.mesh()
+        homogeneous = torch.cat([vertices, torch.ones_like(vertices[:, :1])], -1)
+        clip = torch.einsum("bij,vj->bvi", projection(cameras, self.near, self.far), homogeneous)
+        rast = self.rasterizer.rasterize(clip, faces, (h, w))
+        covered = rast[..., 3] > 0  # [B,H,W]
+        points = self.rasterizer.interpolate(vertices, rast, faces)
+        need_normals = with_normals or self.material.needs_normals(shading)
+        normals = F.normalize(self.rasterizer.interpolate(vertex_normals(vertices, faces), rast, faces), dim=-1) \
+            if need_normals else None
+        lights = cameras.light_position.view(b, 1, 1, 3).expand(b, h, w, 3)
+        shaded = self.material.shade(geometry.albedo(points.reshape(-1, 3)),
+                                     normals.reshape(-1, 3) if normals is not None else None,
+                                     points.reshape(-1, 3), lights.reshape(-1, 3), shading).view(b, h, w, 3)
+        mask = covered.unsqueeze(-1).to(shaded.dtype)
+        blended = self.rasterizer.antialias(torch.cat([shaded * mask, mask], -1), rast, clip, faces)
+        color, opacity = blended[..., :3], blended[..., 3:].clamp(0, 1)
+        eye = cameras.c2w[:, :3, 3].view(b, 1, 1, 3)
+        depth = (points - eye).norm(dim=-1, keepdim=True) * mask
+        out = dict(rgb=color, opacity=opacity, depth=depth, z_variance=torch.zeros_like(depth),
+                   normal=normals * mask if with_normals else None)
+        out = {k: v.flip(1) if v is not None else None for k, v in out.items()}  # row 0 at the top
+        _, dirs = cameras.rays()
+        background = self.background(dirs.reshape(-1, 3), rng).view(b, h, w, 3)
+        out["rgb"] = out["rgb"] + (1 - out["opacity"]) * background
+        return RenderOutput(num_samples=int(faces.shape[0]), **out)
+
+
+def disk_fraction(radius: float, distance: float, fovy_deg: float) -> float:
+    """Share of a square image's area that a sphere of `radius` at `distance` covers (its silhouette is a
+    disk of angular radius asin(r/d)): for tests and benchmarks."""
+    half = math.tan(math.radians(fovy_deg) / 2)
+    r_img = math.tan(math.asin(radius / distance)) / half  # in units of half the image height
+    return math.pi * r_img ** 2 / 4
