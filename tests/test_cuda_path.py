@@ -156,6 +156,7 @@ def fake_toolkit(root: Path, headers=nerfacc_cuda.REQUIRED_HEADERS) -> Path:
 
 def test_toolkit_problems_name_each_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(nerfacc_cuda, "DEFAULT_CUDA_HOME", tmp_path / "no-such-toolkit")
+    monkeypatch.setattr(nerfacc_cuda, "_pip_cuda_dirs", lambda: [])  # nor pip's (the rehearsal's venv has it)
     assert "CUDA_HOME is unset and nvcc is not on PATH" in nerfacc_cuda.toolkit_problems({"PATH": str(tmp_path)})[0]
     wrapper_dir = tmp_path / "wrapper"
     wrapper_dir.mkdir()

@@ -94,3 +94,73 @@ def test_marching_tets_on_a_single_tet_by_hand():
     assert (normal * (tri.mean(0) - vertices[0])).sum() > 0
     none = marching_tets(vertices, torch.tensor([[0, 1, 2, 3]]), torch.ones(4))
     assert none[0].shape == (0, 3) and none[1].shape == (0, 3)
+
+
+def tetrahedron():
+    """A regular tetrahedron centred at the origin, outward faces."""
+    v = torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64)
+    return v, torch.tensor([[0, 1, 2], [0, 3, 1], [0, 2, 3], [1, 3, 2]])
+
+
+def test_regularisers_by_hand_on_a_regular_tetrahedron():
+    """Vertex normals of a regular tetrahedron point from its centre: two of them meet at arccos(-1/3), so
+    every edge has 1 - cos = 4/3. A vertex's neighbours' mean is -v/3, so |v - mean| = 4/3 |v| = 4/3 sqrt(3)."""
+    from perpneg3d.geometry.dmtet import laplacian_smoothness, normal_consistency
+
+    v, f = tetrahedron()
+    area, volume = mesh_area_volume(v, f)
+    assert volume.item() == pytest.approx(8 / 3)  # outward: the faces are oriented as a mesh should be
+    assert normal_consistency(v, f).item() == pytest.approx(4 / 3)
+    assert laplacian_smoothness(v, f).item() == pytest.approx(4 / 3 * math.sqrt(3))
+    flat = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=torch.float64)
+    square = torch.tensor([[0, 1, 2], [1, 3, 2]])
+    assert normal_consistency(flat, square).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def dmtet(resolution=32, **kw):
+    from perpneg3d.geometry import ImplicitVolume
+    from perpneg3d.geometry.dmtet import DMTetGeometry
+
+    colour = ImplicitVolume(radius=1.0, n_levels=2, log2_hashmap_size=8, finest_resolution=32, implementation="torch")
+    return DMTetGeometry(colour, radius=1.0, grid_resolution=resolution, **kw)
+
+
+def test_dmtet_starts_as_a_sphere_and_its_offsets_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERPNEG3D_CACHE", str(tmp_path))
+    geometry = dmtet(init_radius=0.5)
+    vertices, faces = geometry.mesh()
+    area, volume = mesh_area_volume(vertices.double(), faces)
+    assert area.item() == pytest.approx(4 * math.pi * 0.25, rel=0.02) and volume.item() == pytest.approx(
+        4 / 3 * math.pi * 0.125, rel=0.03)
+    with torch.no_grad():
+        geometry.deform.fill_(100.0)  # saturated: every vertex moves deform_scale cells along each axis
+    moved = geometry.vertices() - geometry.grid_vertices
+    assert torch.allclose(moved, torch.full_like(moved, 0.25 * 2 / 32))
+    assert set(geometry.param_groups()) == {"sdf", "deform", "color_encoding", "color_density_mlp", "color_albedo_mlp"}
+
+
+def test_dmtet_takes_a_coarse_runs_surface_and_colour(tmp_path, monkeypatch):
+    """initialise_from: the surface is the volume's level set at the threshold (a density 10 (1 - |x| / 0.6)
+    above 4 is a ball of radius 0.36), and the colour field is the volume's own state."""
+    from perpneg3d.geometry import ImplicitVolume
+
+    monkeypatch.setenv("PERPNEG3D_CACHE", str(tmp_path))
+
+    class Coarse(ImplicitVolume):
+        def density(self, points):
+            return 10 * (1 - points.norm(dim=-1) / 0.6)
+
+    coarse = Coarse(radius=1.0, n_levels=2, log2_hashmap_size=8, finest_resolution=32, implementation="torch")
+    with torch.no_grad():
+        for p in coarse.parameters():
+            p.add_(0.5)
+    from perpneg3d.geometry.dmtet import DMTetGeometry
+
+    fresh = Coarse(radius=1.0, n_levels=2, log2_hashmap_size=8, finest_resolution=32, implementation="torch")
+    geometry = DMTetGeometry(fresh, radius=1.0, grid_resolution=48)  # a colour field of the source's kind
+    points = torch.rand(16, 3) - 0.5
+    assert not torch.equal(geometry.albedo(points), coarse.albedo(points))
+    geometry.initialise_from(coarse, threshold=4.0)
+    vertices, faces = geometry.mesh()
+    assert vertices.norm(dim=-1).mean().item() == pytest.approx(0.36, rel=0.01)
+    assert torch.equal(geometry.albedo(points), coarse.albedo(points))

@@ -93,3 +93,11 @@ def mesh_area_volume(vertices: Tensor, faces: Tensor) -> tuple[Tensor, Tensor]:
     v0, v1, v2 = vertices[faces].unbind(1)
     cross = torch.linalg.cross(v1 - v0, v2 - v0)
     return cross.norm(dim=-1).sum() / 2, (v0 * torch.linalg.cross(v1, v2)).sum() / 6
+
+
+def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
+    """[V,3] unit normals: the area-weighted sum of the adjacent faces' normals."""
+    v0, v1, v2 = vertices[faces].unbind(1)
+    face_normals = torch.linalg.cross(v1 - v0, v2 - v0)  # length = twice the area: area weighting
+    normals = torch.zeros_like(vertices).index_add(0, faces.reshape(-1), face_normals.repeat_interleave(3, 0))
+    return torch.nn.functional.normalize(normals, dim=-1)

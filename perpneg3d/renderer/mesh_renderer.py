@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from perpneg3d.cameras.camera_batch import CameraBatch
 from perpneg3d.contracts import Rasterizer
+from perpneg3d.geometry.marching_tets import vertex_normals
 from perpneg3d.random_streams import RandomStreams
 from perpneg3d.renderer.torch_rasterizer import TorchRasterizer
 from perpneg3d.renderer.volume_renderer import RenderOutput
@@ -33,14 +34,6 @@ def projection(cameras: CameraBatch, near: float, far: float) -> Tensor:
     proj[:, 2, 3] = 2 * far * near / (near - far)
     proj[:, 3, 2] = -1.0
     return proj @ torch.linalg.inv(cameras.c2w)
-
-
-def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
-    """[V,3] unit normals: the area-weighted sum of the adjacent faces' normals."""
-    v0, v1, v2 = vertices[faces].unbind(1)
-    face_normals = torch.linalg.cross(v1 - v0, v2 - v0)  # length = twice the area: area weighting
-    normals = torch.zeros_like(vertices).index_add(0, faces.reshape(-1), face_normals.repeat_interleave(3, 0))
-    return F.normalize(normals, dim=-1)
 
 
 class MeshRenderer(nn.Module):
