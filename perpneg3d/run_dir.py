@@ -1,6 +1,7 @@
 """Run folders that never collide: outputs/<name>/<timestamp>[-N]/."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import os
@@ -41,16 +42,23 @@ def new_run_dir(base: str | Path, timestamp: str | None = None) -> Path:
     raise OutputDirError(f"could not find a free run folder under {base}")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that a reader (or a kill at any moment) sees the old file or the
-    whole new one, never a truncated one: temporary file, fsync, rename."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w"):
+    """Open a temporary file beside `path` for writing; on a clean exit fsync it and rename it over `path`,
+    so a reader (or a kill at any moment) sees the old file or the whole new one, never a truncated one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, mode) as f:
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically (atomic_file)."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 class RunLock:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from perpneg3d.errors import CheckpointError, first_line
+from perpneg3d.run_dir import atomic_file
 
 log = logging.getLogger(__name__)
 CKPT_FORMAT = "perpneg3d-ckpt-1"
@@ -24,12 +25,8 @@ def save_checkpoint(state: dict, path: Path) -> Path:
     """Write atomically: a reader sees the old file or the complete new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         torch.save(dict(state, format=CKPT_FORMAT), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
