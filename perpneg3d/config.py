@@ -66,19 +66,21 @@ def parse_command_line(argv: list[str]):
     return None if unknown else args
 
 
-def check_overrides(config_name: str, overrides: list[str]) -> None:
-    """Compose the config once with the command line (Hydra flags and their values are read as Hydra
-    reads them); raise ConfigError with one line if it fails."""
+def check_overrides(config_name: str, argv: list[str]) -> list[str]:
+    """Compose the config with the command line (Hydra flags and their values are read as Hydra reads
+    them; every sweep value once); raise ConfigError with one line if it fails. Returns argv with its
+    overrides as resume_overrides rewrites them, flags left where they were."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    args = parse_command_line(overrides)
+    args = parse_command_line(argv)
     if args is None or args.config_path or args.config_dir:
-        return  # Hydra reports a malformed line itself; another config folder is the user's to compose
+        return argv  # Hydra reports a malformed line itself; another config folder is the user's to compose
     try:
+        rewritten = resume_overrides(args.overrides)
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            for overrides in sweep_variants(resume_overrides(args.overrides)):
+            for overrides in sweep_variants(rewritten):
                 compose(args.config_name or config_name, overrides=overrides, return_hydra_config=True)
     except PerpNegError:
         raise
@@ -86,6 +88,8 @@ def check_overrides(config_name: str, overrides: list[str]) -> None:
         raise ConfigError(explain_compose_error(err)) from None
     finally:
         GlobalHydra.instance().clear()
+    replace = dict(zip(args.overrides, rewritten))
+    return [replace.get(a, a) for a in argv]
 
 
 def resume_overrides(overrides: list[str]) -> list[str]:
@@ -172,8 +176,7 @@ def run_script(config_name: str, fn: Callable) -> None:
 
     quiet_schema_warning()
     with reported_errors():
-        check_overrides(config_name, sys.argv[1:])
-        sys.argv[1:] = _with_resume_overrides(sys.argv[1:])
+        sys.argv[1:] = check_overrides(config_name, sys.argv[1:])
     args = parse_command_line(sys.argv[1:])
     if args is not None and args.multirun:  # jobs that run at once share the cores (threads.py)
         from perpneg3d.threads import SWEEP_JOBS_ENV, count_sweep_jobs
@@ -196,12 +199,3 @@ def in_submitit_job() -> bool:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.initialized() and str(HydraConfig.get().launcher.get("_target_", "")).startswith("hydra_plugins.perpneg3d_sweeps.")
-
-
-def _with_resume_overrides(argv: list[str]) -> list[str]:
-    """argv with its overrides passed through resume_overrides, flags left where they were."""
-    args = parse_command_line(argv)
-    if args is None or not args.overrides:
-        return argv
-    rewritten = dict(zip(args.overrides, resume_overrides(args.overrides)))
-    return [rewritten.get(a, a) for a in argv]
