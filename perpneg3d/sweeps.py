@@ -16,6 +16,7 @@ import sys
 from typing import Any, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
+from submitit.slurm.slurm import SlurmInfoWatcher
 
 from perpneg3d.errors import ConfigError, PerpNegError, first_line
 
@@ -80,13 +81,7 @@ def use_squeue_without_accounting() -> None:
     log.info("this SLURM has no accounting storage (sacct is disabled): job states are read from squeue")
 
 
-def _squeue_watcher_base():
-    from submitit.slurm.slurm import SlurmInfoWatcher
-
-    return SlurmInfoWatcher
-
-
-class SqueueInfoWatcher(_squeue_watcher_base()):
+class SqueueInfoWatcher(SlurmInfoWatcher):
     """submitit's SLURM state watcher, reading `squeue` (the jobs SLURM still holds, finished ones for
     MinJobAge) in the format of the `sacct` output it parses. A job squeue no longer lists is UNKNOWN to
     submitit, which then decides by the job's result file, as it does when sacct fails."""

@@ -24,6 +24,7 @@ import argparse
 import base64
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -90,8 +91,6 @@ def stand_in_wheel(name: str, version: str, folder: Path) -> Path:
 def find_python(version: str) -> str | None:
     """A Python of that major.minor that really runs: python<version> on PATH (a pyenv shim for a version
     that is not active fails), else pyenv's own install of it."""
-    import os
-
     root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
     candidates = [shutil.which(f"python{version}")]
     candidates += [str(p) for p in sorted(root.glob(f"{version}.*/bin/python{version}"), reverse=True)] if root.is_dir() else []

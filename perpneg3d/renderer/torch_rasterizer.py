@@ -68,7 +68,7 @@ class TorchRasterizer:
             xy, z = self._screen(clip[b], height, width)
             face = rast[b, ..., 3].long() - 1
             tri = xy[faces].detach()
-            facing = torch.sign(_cross2(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]))
+            facing = torch.sign(_signed_area2(tri))
             # a silhouette edge: no face beyond it, or the one beyond faces the other way (front vs back; a
             # degenerate face, of zero screen area, decides nothing)
             silhouette = (neighbour < 0) | (facing[neighbour.clamp_min(0)] * facing.unsqueeze(-1) < 0)
@@ -102,7 +102,7 @@ class TorchRasterizer:
             current, open_ = f_own.clamp_min(0), (f_own >= 0) & differ
             for _ in range(WALK_STEPS):
                 tri = xy[faces[current]]  # [...,3,2]
-                sign = torch.sign(_cross2(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :])).unsqueeze(-1)
+                sign = torch.sign(_signed_area2(tri)).unsqueeze(-1)
                 e_own, e_other = _edge_functions(tri, c_own) * sign, _edge_functions(tri, c_other) * sign
                 falling = e_other < e_own  # edges the segment leaves through (their function decreases along it)
                 t_edge = (e_own / (e_own - e_other).where(falling, torch.ones_like(e_own))).where(
@@ -150,7 +150,7 @@ class TorchRasterizer:
         xy, z = self._screen(clip, height, width)
         tri, tz = xy[faces], z[faces]  # [F,3,2], [F,3]
         front = (clip[faces][..., 3] > 0).all(-1)
-        area = _cross2(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        area = _signed_area2(tri)
         drawable = front & (area.abs() > 1e-12)
         t = self.tile
         tiles_x, tiles_y = -(-width // t), -(-height // t)
@@ -197,7 +197,7 @@ class TorchRasterizer:
         tri = xy[corners]  # [N,3,2]
         centre = torch.stack([pixel % width + 0.5, torch.div(pixel, width, rounding_mode="floor") + 0.5], -1).to(xy.dtype)
         e = _edge_functions(tri, centre)
-        area = _cross2(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).unsqueeze(-1)
+        area = _signed_area2(tri).unsqueeze(-1)
         screen = e / area  # screen-space barycentrics: z/w is linear in them
         depth = (screen * z[corners]).sum(-1)
         inv_w = 1 / clip[corners][..., 3]
@@ -207,6 +207,11 @@ class TorchRasterizer:
 
 def _cross2(a: Tensor, b: Tensor) -> Tensor:
     return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
+
+
+def _signed_area2(tri: Tensor) -> Tensor:
+    """[...] twice the signed area of screen triangles [...,3,2] (positive counter-clockwise)."""
+    return _cross2(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :])
 
 
 def _edge_functions(tri: Tensor, point: Tensor) -> Tensor:
@@ -220,7 +225,7 @@ def _edge_functions(tri: Tensor, point: Tensor) -> Tensor:
 def _depth_at(xy: Tensor, z: Tensor, faces: Tensor, face: Tensor, point: Tensor) -> Tensor:
     """z/w of `face` (screen-linear) at screen points [...,2]; +inf where face < 0."""
     tri = xy[faces[face.clamp_min(0)]]
-    area = _cross2(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :]).unsqueeze(-1)
+    area = _signed_area2(tri).unsqueeze(-1)
     bary = _edge_functions(tri, point) / area.where(area.abs() > 1e-12, torch.ones_like(area))
     depth = (bary * z[faces[face.clamp_min(0)]]).sum(-1)
     return depth.where(face >= 0, torch.full_like(depth, float("inf")))
