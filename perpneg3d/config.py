@@ -77,7 +77,7 @@ def check_overrides(config_name: str, argv: list[str]) -> list[str]:
     if args is None or args.config_path or args.config_dir:
         return argv  # Hydra reports a malformed line itself; another config folder is the user's to compose
     try:
-        rewritten = resume_overrides(args.overrides)
+        rewritten = refine_overrides(resume_overrides(args.overrides))
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             for overrides in sweep_variants(rewritten):
@@ -89,7 +89,19 @@ def check_overrides(config_name: str, argv: list[str]) -> list[str]:
     finally:
         GlobalHydra.instance().clear()
     replace = dict(zip(args.overrides, rewritten))
-    return [replace.get(a, a) for a in argv]
+    return [replace.get(a, a) for a in argv] + rewritten[len(args.overrides):]
+
+
+def refine_overrides(overrides: list[str]) -> list[str]:
+    """With refine=<run> (and no resume=), `stage=<the source run's refine_stage>` is added unless the line
+    names a stage, so that the stage's keys (geometry.grid_resolution, ...) can be overridden."""
+    refine = [o.split("=", 1)[1] for o in overrides if o.startswith("refine=") and o.split("=", 1)[1] not in ("", "null")]
+    if not refine or any(o.startswith("stage=") for o in overrides) or \
+            any(o.startswith("resume=") and o.split("=", 1)[1] not in ("", "null") for o in overrides):
+        return list(overrides)
+    from perpneg3d.training.refine import stage_of
+
+    return list(overrides) + [f"stage={stage_of(refine[-1], overrides)}"]
 
 
 def resume_overrides(overrides: list[str]) -> list[str]:

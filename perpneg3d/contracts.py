@@ -140,6 +140,30 @@ class Geometry(Protocol):
         """Training-step schedules (coarse-to-fine levels)."""
 
 
+@runtime_checkable
+class Surface(Protocol):
+    """A triangle-mesh geometry (the second stage, DMTet): the smallest contract a rasterizing renderer and the
+    trainer need. The volume Geometry's density() has no counterpart on a mesh, so a surface is not a Geometry;
+    the renderer asks for its mesh, and the trainer for the regularisers of the mesh that step rendered."""
+
+    radius: float
+
+    def mesh(self) -> tuple[Tensor, Tensor]:
+        """(vertices [M,3] world, differentiable; faces [F,3] long, outward)."""
+
+    def albedo(self, points: Tensor) -> Tensor:
+        """[N,3] colour in [0,1] at surface points."""
+
+    def regularizers(self, vertices: Tensor, faces: Tensor) -> dict[str, Tensor]:
+        """Named surface regularisers of a mesh (trainer.lambda_<name> weighs each)."""
+
+    def param_groups(self) -> dict[str, list]:
+        ...
+
+    def update_step(self, step: int) -> None:
+        ...
+
+
 @dataclass
 class RaySamples:
     """What a ray sampler (the CUDA marcher or the stratified CPU sampler) hands to compositing:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from perpneg3d.contracts import Surface
 from perpneg3d.errors import ConfigError, ExportError, require
 from perpneg3d.export.extraction import (
     clean_mesh,
@@ -122,12 +123,19 @@ class MeshExporter:
         self.uv_max_faces = uv_max_faces
 
     def extract(self, geometry):
-        """World-space trimesh of the field's surface (before axis conversion), plus the iso-level."""
+        """World-space trimesh of the field's surface (before axis conversion), plus the iso-level. A Surface
+        (a refine run's DMTet) is its own mesh: no marching cubes, level 0 of its signed distance."""
+        if isinstance(geometry, Surface):
+            import trimesh
+
+            with torch.no_grad():
+                vertices, faces = geometry.mesh()
+            require(len(faces) > 0, "the refined surface is empty (no grid vertex has a negative signed distance): "
+                                    "refine from an earlier checkpoint or lower the refine run's learning rates")
+            mesh = trimesh.Trimesh(vertices.double().cpu().numpy(), faces.cpu().numpy(), process=False)
+            return clean_mesh(mesh, self.min_component_ratio, self.max_faces), 0.0
         device = field_device(geometry)
-        r = float(geometry.radius)
-        lo, hi = torch.full((3,), -r), torch.full((3,), r)
-        grid = sample_grid(geometry.density, lo, hi, self.coarse_resolution, self.chunk_size, device)
-        level = resolve_threshold(grid, 2 * r / (self.coarse_resolution - 1), self.threshold)
+        grid, level, lo, hi = self.level(geometry)
         if self.tight_bbox:
             lo, hi = occupied_bounds(grid, level, lo, hi)
             side = float((hi - lo).max())
@@ -136,6 +144,14 @@ class MeshExporter:
         grid = sample_grid_near_level(geometry.density, lo, hi, self.resolution, level, chunk_size=self.chunk_size, device=device)
         mesh = marching_cubes(grid, level, lo, hi)
         return clean_mesh(mesh, self.min_component_ratio, self.max_faces), level
+
+    def level(self, geometry):
+        """(coarse grid, iso-level, lo, hi): the density on the whole box at coarse_resolution and the level the
+        export meshes (export.threshold, or auto); a refine run's DMTet starts from this level set."""
+        r = float(geometry.radius)
+        lo, hi = torch.full((3,), -r), torch.full((3,), r)
+        grid = sample_grid(geometry.density, lo, hi, self.coarse_resolution, self.chunk_size, field_device(geometry))
+        return grid, resolve_threshold(grid, 2 * r / (self.coarse_resolution - 1), self.threshold), lo, hi
 
     @torch.no_grad()
     def _albedo(self, geometry, points: torch.Tensor) -> torch.Tensor:
@@ -151,7 +167,8 @@ class MeshExporter:
         was_training = module and geometry.training
         if module:
             geometry.eval()
-        check_memory(self.resolution, self.texture, self.texture_size)
+        # a surface has no grid to sample: only a uv bake's memory counts (the smallest grid stands for none)
+        check_memory(8 if isinstance(geometry, Surface) else self.resolution, self.texture, self.texture_size)
         t0 = time.perf_counter()
         try:
             mesh, level = self.extract(geometry)

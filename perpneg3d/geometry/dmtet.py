@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from perpneg3d.errors import ConfigError
 from perpneg3d.geometry.marching_tets import marching_tets, vertex_normals
 from perpneg3d.geometry.tet_grid import cached_tet_grid
 from perpneg3d.validation import NonNegativeFloat, PositiveFloat, PositiveInt, validated
@@ -20,12 +21,18 @@ from perpneg3d.validation import NonNegativeFloat, PositiveFloat, PositiveInt, v
 class DMTetGeometry(nn.Module):
     """sdf [V] and deform [V,3] on a grid of `grid_resolution` cubes over [-radius, radius]^3. A vertex moves
     at most deform_scale grid cells (tanh-bounded, as in DMTet). sdf < 0 inside. Initially a sphere of
-    init_radius, until initialise_from() puts a coarse run's surface there."""
+    init_radius, until initialise_from() puts a coarse run's surface there. init_level: the coarse density
+    level a refine run starts from (a number; "silhouette": the level whose silhouettes best match the coarse
+    renders; "export": the coarse run's export threshold), read by perpneg3d.training.refine."""
 
     @validated("geometry")
     def __init__(self, color_field: nn.Module, radius: PositiveFloat = 1.0, grid_resolution: PositiveInt = 128,
-                 deform_scale: NonNegativeFloat = 0.25, init_radius: PositiveFloat = 0.5):
+                 deform_scale: NonNegativeFloat = 0.25, init_radius: PositiveFloat = 0.5,
+                 init_level: float | str = "silhouette"):
         super().__init__()
+        if isinstance(init_level, str) and init_level not in ("silhouette", "export"):
+            raise ConfigError(f"geometry.init_level={init_level!r}: use silhouette, export or a density value")
+        self.init_level = init_level
         grid = cached_tet_grid(grid_resolution, radius)
         self.radius, self.grid_resolution, self.deform_scale = radius, grid_resolution, deform_scale
         self.register_buffer("grid_vertices", grid.vertices, persistent=False)
@@ -59,20 +66,29 @@ class DMTetGeometry(nn.Module):
         self.color_field.update_step(step)
 
     @torch.no_grad()
-    def initialise_from(self, volume, threshold: float, chunk: int = 262144) -> None:
-        """The coarse run's surface and colour: sdf = threshold - density at the grid vertices (the level set
-        export.threshold gives), and the volume's state into the colour field when they are the same kind."""
-        density = torch.cat([volume.density(self.grid_vertices[i:i + chunk]) for i in range(0, len(self.sdf), chunk)])
-        self.sdf.copy_(threshold - density.float())
+    def initialise_from(self, volume, threshold: float, density: Tensor | None = None) -> None:
+        """The coarse run's surface and colour: sdf = threshold - density at the grid vertices (the level set of
+        `threshold`), and the volume's state into the colour field when they are the same kind. density: the
+        volume's density at grid_vertices when already computed (grid_density())."""
+        density = self.grid_density(volume) if density is None else density
+        self.sdf.copy_(threshold - density.to(self.sdf))
         self.deform.zero_()
         if type(volume) is type(self.color_field):
             self.color_field.load_state_dict(volume.state_dict())
+
+    @torch.no_grad()
+    def grid_density(self, volume, chunk: int = 262144) -> Tensor:
+        """[V] a volume's density at the undeformed grid vertices."""
+        return torch.cat([volume.density(self.grid_vertices[i:i + chunk]).float()
+                          for i in range(0, len(self.grid_vertices), chunk)])
 
 
 def _edges(faces: Tensor) -> Tensor:
     """[E,2] the undirected edges of a triangle mesh, each once."""
     pairs = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(-1).values
-    return torch.unique(pairs, dim=0)
+    n = int(faces.max()) + 1 if faces.numel() else 1
+    keys = torch.unique(pairs[:, 0] * n + pairs[:, 1])  # one integer per edge: a 1-D unique, not a row-wise one
+    return torch.stack([keys // n, keys % n], -1)
 
 
 def normal_consistency(vertices: Tensor, faces: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ renderer's. Silhouette gradients come from the rasterizer's antialias, applied t
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -17,11 +18,15 @@ from torch import Tensor, nn
 
 from perpneg3d.cameras.camera_batch import CameraBatch
 from perpneg3d.contracts import Rasterizer
+from perpneg3d.errors import ConfigError
 from perpneg3d.geometry.marching_tets import vertex_normals
 from perpneg3d.random_streams import RandomStreams
+from perpneg3d.renderer import nvdiffrast_rasterizer
 from perpneg3d.renderer.torch_rasterizer import TorchRasterizer
 from perpneg3d.renderer.volume_renderer import RenderOutput
 from perpneg3d.validation import PositiveFloat, validated
+
+log = logging.getLogger(__name__)
 
 
 def projection(cameras: CameraBatch, near: float, far: float) -> Tensor:
@@ -36,20 +41,54 @@ def projection(cameras: CameraBatch, near: float, far: float) -> Tensor:
     return proj @ torch.linalg.inv(cameras.c2w)
 
 
+BACKENDS = ("auto", "torch", "nvdiffrast")
+
+
 class MeshRenderer(nn.Module):
-    """Renders a Surface (mesh() -> vertices [M,3], faces [F,3]; albedo(points)) with a Rasterizer."""
+    """Renders a Surface (mesh() -> vertices [M,3], faces [F,3]; albedo(points)) with a Rasterizer.
+
+    rasterizer: "auto" (nvdiffrast's CUDA context for meshes on CUDA when it is installed, else the torch
+    rasterizer, said once in the log), "torch", "nvdiffrast" (CUDA only), or any Rasterizer object.
+    """
 
     @validated("renderer")
-    def __init__(self, background: nn.Module, material, rasterizer: Rasterizer | None = None, near: PositiveFloat = 0.05,
+    def __init__(self, background: nn.Module, material, rasterizer: str | Rasterizer = "auto", near: PositiveFloat = 0.05,
                  far: PositiveFloat = 100.0):
         super().__init__()
+        if isinstance(rasterizer, str) and rasterizer not in BACKENDS:
+            raise ConfigError(f"renderer.rasterizer={rasterizer!r}: use {', '.join(BACKENDS)}")
         self.background, self.material = background, material
-        self.rasterizer = rasterizer if rasterizer is not None else TorchRasterizer()
+        self.choice = rasterizer
+        self.rasterizer = rasterizer if not isinstance(rasterizer, str) else TorchRasterizer()
+        self._device = torch.device("cpu")
         self.near, self.far = near, far
 
     @property
     def backend(self) -> str:
-        return type(self.rasterizer).__name__
+        return f"rasterizer {self.choice if isinstance(self.choice, str) else type(self.choice).__name__}"
+
+    def _rasterizer_for(self, device: torch.device) -> Rasterizer:
+        """The rasterizer for meshes on `device`, chosen once per device (docs/architecture.md, "Second stage")."""
+        if not isinstance(self.choice, str) or device == self._device:
+            return self.rasterizer
+        self._device = device
+        if self.choice == "torch" or device.type != "cuda":
+            if self.choice == "nvdiffrast":
+                raise ConfigError(f"renderer.rasterizer=nvdiffrast needs CUDA (the mesh is on {device}): use "
+                                  "renderer.rasterizer=auto or torch")
+            self.rasterizer = TorchRasterizer()
+            return self.rasterizer
+        dr = nvdiffrast_rasterizer.import_nvdiffrast()
+        if dr is None:
+            if self.choice == "nvdiffrast":
+                raise ConfigError("renderer.rasterizer=nvdiffrast: nvdiffrast is not installed or failed to build: "
+                                  "pip install -e .[nvdiffrast], or use renderer.rasterizer=auto")
+            log.warning("nvdiffrast is not installed: meshes are rasterized in torch (pip install -e .[nvdiffrast] "
+                        "for its CUDA rasterizer)")
+            self.rasterizer = TorchRasterizer()
+        else:
+            self.rasterizer = nvdiffrast_rasterizer.NvdiffrastRasterizer(dr, device)
+        return self.rasterizer
 
     def param_groups(self) -> dict[str, list]:
         return {"background": list(self.background.parameters())}
@@ -66,18 +105,19 @@ class MeshRenderer(nn.Module):
         vertices, faces = geometry.mesh()
         homogeneous = torch.cat([vertices, torch.ones_like(vertices[:, :1])], -1)
         clip = torch.einsum("bij,vj->bvi", projection(cameras, self.near, self.far), homogeneous)
-        rast = self.rasterizer.rasterize(clip, faces, (h, w))
+        rasterizer = self._rasterizer_for(vertices.device)
+        rast = rasterizer.rasterize(clip, faces, (h, w))
         covered = rast[..., 3] > 0  # [B,H,W]
-        points = self.rasterizer.interpolate(vertices, rast, faces)
+        points = rasterizer.interpolate(vertices, rast, faces)
         need_normals = with_normals or self.material.needs_normals(shading)
-        normals = F.normalize(self.rasterizer.interpolate(vertex_normals(vertices, faces), rast, faces), dim=-1) \
+        normals = F.normalize(rasterizer.interpolate(vertex_normals(vertices, faces), rast, faces), dim=-1) \
             if need_normals else None
         lights = cameras.light_position.view(b, 1, 1, 3).expand(b, h, w, 3)
         shaded = self.material.shade(geometry.albedo(points.reshape(-1, 3)),
                                      normals.reshape(-1, 3) if normals is not None else None,
                                      points.reshape(-1, 3), lights.reshape(-1, 3), shading).view(b, h, w, 3)
         mask = covered.unsqueeze(-1).to(shaded.dtype)
-        blended = self.rasterizer.antialias(torch.cat([shaded * mask, mask], -1), rast, clip, faces)
+        blended = rasterizer.antialias(torch.cat([shaded * mask, mask], -1), rast, clip, faces)
         color, opacity = blended[..., :3], blended[..., 3:].clamp(0, 1)
         eye = cameras.c2w[:, :3, 3].view(b, 1, 1, 3)
         depth = (points - eye).norm(dim=-1, keepdim=True) * mask
@@ -87,7 +127,7 @@ class MeshRenderer(nn.Module):
         _, dirs = cameras.rays()
         background = self.background(dirs.reshape(-1, 3), rng).view(b, h, w, 3)
         out["rgb"] = out["rgb"] + (1 - out["opacity"]) * background
-        return RenderOutput(num_samples=int(faces.shape[0]), **out)
+        return RenderOutput(num_samples=int(faces.shape[0]), mesh=(vertices, faces), **out)
 
 
 def disk_fraction(radius: float, distance: float, fovy_deg: float) -> float:

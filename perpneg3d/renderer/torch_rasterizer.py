@@ -61,79 +61,75 @@ class TorchRasterizer:
         moves that pixel's colour towards the other's; the x and y passes are averaged. t depends on the vertex positions, so the image does too
         (nvdiffrast's antialias does the same job with its own edge analysis). Only silhouette edges count (no
         face beyond, or one facing away): an edge between two faces of one visible surface is no boundary."""
-        batch, height, width, _ = rast.shape
+        batch, height, width, channels = color.shape
         neighbour = edge_neighbours(faces)
-        images = []
-        for b in range(batch):
-            xy, z = self._screen(clip[b], height, width)
-            face = rast[b, ..., 3].long() - 1
-            tri = xy[faces].detach()
-            facing = torch.sign(_signed_area2(tri))
-            # a silhouette edge: no face beyond it, or the one beyond faces the other way (front vs back; a
-            # degenerate face, of zero screen area, decides nothing)
-            silhouette = (neighbour < 0) | (facing[neighbour.clamp_min(0)] * facing.unsqueeze(-1) < 0)
-            # pairs along x (columns) and along y (rows), both from the unblended colours, averaged: either pass
-            # alone moves a pixel's coverage by the whole of an edge's displacement (an edge at angle a crosses
-            # |cos a| x-pairs per unit length, each moved by 1/|cos a|), so their sum would count it twice
-            images.append(color[b] + 0.5 * sum(self._edge_blend(color[b], face, xy, z, faces, silhouette, neighbour,
-                                                                axis) for axis in (1, 0)))
-        return torch.stack(images)
-
-    @staticmethod
-    def _edge_blend(color: Tensor, face: Tensor, xy: Tensor, z: Tensor, faces: Tensor, silhouette: Tensor,
-                    neighbour: Tensor, axis: int) -> Tensor:
-        """The colour change [H,W,C] that the boundary crossings between neighbours along `axis` make."""
-        height, width = face.shape
-        lo = [slice(None), slice(None)]
-        hi = [slice(None), slice(None)]
-        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-        f_a, f_b = face[tuple(lo)], face[tuple(hi)]
-        rows, cols = torch.meshgrid(torch.arange(height, device=xy.device), torch.arange(width, device=xy.device),
-                                    indexing="ij")
-        centre = torch.stack([cols + 0.5, rows + 0.5], -1).to(xy.dtype)
-        c_a, c_b = centre[tuple(lo)], centre[tuple(hi)]
-        differ = f_a != f_b
-
-        def crossing(f_own, c_own, c_other):
-            """t where the surface of face f_own ends on the way from c_own to c_other ([...]; inf: it does not
-            end before c_other): leave the face where the segment does; an inner edge hands the walk to the face
-            beyond it (small faces end between pixel centres long before the surface does)."""
-            t = torch.full(f_own.shape, float("inf"), dtype=xy.dtype, device=xy.device)
-            current, open_ = f_own.clamp_min(0), (f_own >= 0) & differ
-            for _ in range(WALK_STEPS):
-                tri = xy[faces[current]]  # [...,3,2]
-                sign = torch.sign(_signed_area2(tri)).unsqueeze(-1)
-                e_own, e_other = _edge_functions(tri, c_own) * sign, _edge_functions(tri, c_other) * sign
-                falling = e_other < e_own  # edges the segment leaves through (their function decreases along it)
-                t_edge = (e_own / (e_own - e_other).where(falling, torch.ones_like(e_own))).where(
-                    falling, torch.full_like(e_own, float("inf")))
-                t_exit, edge = t_edge.min(-1)
-                beyond = t_exit > 1  # the face reaches the other centre: no boundary on this segment
-                at_silhouette = torch.gather(silhouette[current], -1, edge.unsqueeze(-1)).squeeze(-1)
-                found = open_ & ~beyond & at_silhouette
-                t = t.where(~found, t_exit)
-                open_ = open_ & ~beyond & ~at_silhouette
-                current = torch.gather(neighbour[current], -1, edge.unsqueeze(-1)).squeeze(-1).clamp_min(0)
-                if not bool(open_.any()):  # every walk has ended (a host read: this is the CPU rasterizer)
-                    break
-            return t
-
-        t_a, t_b = crossing(f_a, c_a, c_b), crossing(f_b, c_b, c_a)
+        xy, z = self._screen(clip.reshape(-1, 4), height, width)
+        xy, z = xy.view(batch, -1, 2), z.view(batch, -1)  # [B,V,2], [B,V]
+        facing = torch.sign(_signed_area2(xy[:, faces].detach()))  # [B,F]
+        # a silhouette edge: no face beyond it, or the one beyond faces the other way (front vs back; a
+        # degenerate face, of zero screen area, decides nothing)
+        beyond = torch.gather(facing, 1, neighbour.clamp_min(0).view(1, -1).expand(batch, -1)).view(batch, -1, 3)
+        silhouette = (neighbour < 0) | (beyond * facing.unsqueeze(-1) < 0)  # [B,F,3]
+        face = (rast[..., 3].long() - 1).reshape(-1)  # [B*H*W]
+        flat = color.reshape(-1, channels)
+        pixel = torch.arange(face.numel(), device=face.device)
+        col, row = pixel % width, (pixel // width) % height
+        # pairs along x (columns) and along y (rows), both from the unblended colours, averaged: either pass
+        # alone moves a pixel's coverage by the whole of an edge's displacement (an edge at angle a crosses
+        # |cos a| x-pairs per unit length, each moved by 1/|cos a|), so their sum would count it twice
+        pairs = torch.cat([torch.stack([pixel[col < width - 1], pixel[col < width - 1] + 1], -1),
+                           torch.stack([pixel[row < height - 1], pixel[row < height - 1] + width], -1)])
+        pairs = pairs[face[pairs[:, 0]] != face[pairs[:, 1]]]  # [P,2] neighbours that show different faces
+        image = pairs[:, 0] // (height * width)
+        centre = torch.stack([col[pairs] + 0.5, row[pairs] + 0.5], -1).to(xy.dtype)  # [P,2,2]
+        f_a, f_b = face[pairs[:, 0]], face[pairs[:, 1]]
+        # one walk per direction: from a's centre towards b's, and from b's towards a's
+        t = self._crossings(torch.cat([f_a, f_b]), torch.cat([image, image]), torch.cat([centre[:, 0], centre[:, 1]]),
+                            torch.cat([centre[:, 1], centre[:, 0]]), xy, faces, silhouette, neighbour)
+        t_a, t_b = t[:len(pairs)], t[len(pairs):]
         # the face in front at the crossing: a's if only a's leaves towards b, else the nearer of the two
-        z_a = _depth_at(xy, z, faces, f_a, c_a + (c_b - c_a) * t_a.clamp(0, 1).unsqueeze(-1))
-        z_b = _depth_at(xy, z, faces, f_b, c_b + (c_a - c_b) * t_b.clamp(0, 1).unsqueeze(-1))
+        c_a, c_b = centre[:, 0], centre[:, 1]
+        z_a = _depth_at(xy, z, image, faces, f_a, c_a + (c_b - c_a) * t_a.clamp(0, 1).unsqueeze(-1))
+        z_b = _depth_at(xy, z, image, faces, f_b, c_b + (c_a - c_b) * t_b.clamp(0, 1).unsqueeze(-1))
         a_front = torch.isfinite(t_a) & (~torch.isfinite(t_b) | (f_b < 0) | ((f_a >= 0) & (z_a <= z_b)))
         b_front = torch.isfinite(t_b) & ~a_front
-        col_a, col_b = color[tuple(lo)], color[tuple(hi)]
+        col_a, col_b = flat[pairs[:, 0]], flat[pairs[:, 1]]
         share_a = (t_a - 0.5).where(a_front, torch.zeros_like(t_a)).unsqueeze(-1)  # a's face reaching into b (> 0)
         share_b = (t_b - 0.5).where(b_front, torch.zeros_like(t_b)).unsqueeze(-1)
-        delta = torch.zeros_like(color)
         # a in front: beyond 0.5 it covers part of b (b moves towards a); short of 0.5 it leaves part of a to b
-        delta[tuple(hi)] += share_a.clamp_min(0) * (col_a - col_b)
-        delta[tuple(lo)] += (-share_a).clamp_min(0) * (col_b - col_a)
-        delta[tuple(lo)] += share_b.clamp_min(0) * (col_b - col_a)
-        delta[tuple(hi)] += (-share_b).clamp_min(0) * (col_a - col_b)
-        return delta
+        to_b = share_a.clamp_min(0) * (col_a - col_b) + (-share_b).clamp_min(0) * (col_a - col_b)
+        to_a = (-share_a).clamp_min(0) * (col_b - col_a) + share_b.clamp_min(0) * (col_b - col_a)
+        delta = torch.zeros_like(flat).index_add(0, pairs[:, 1], to_b).index_add(0, pairs[:, 0], to_a)
+        return (flat + 0.5 * delta).view(batch, height, width, channels)
+
+    @staticmethod
+    def _crossings(f_own: Tensor, image: Tensor, c_own: Tensor, c_other: Tensor, xy: Tensor, faces: Tensor,
+                   silhouette: Tensor, neighbour: Tensor) -> Tensor:
+        """t [N] where the surface of face f_own (in image `image`) ends on the way from c_own to c_other (inf: it
+        does not end before c_other, or f_own is empty): leave the face where the segment does; an inner edge
+        hands the walk to the face beyond it (small faces end between pixel centres long before the surface
+        does). All walks advance together; the ones still open are gathered each round."""
+        t = torch.full(f_own.shape, float("inf"), dtype=xy.dtype, device=xy.device)
+        walk = torch.nonzero(f_own >= 0).squeeze(-1)
+        current = f_own[walk]
+        for _ in range(WALK_STEPS):
+            if walk.numel() == 0:  # every walk has ended (a host read: this is the CPU rasterizer)
+                break
+            img = image[walk]
+            tri = xy[img.unsqueeze(-1), faces[current]]  # [n,3,2]
+            sign = torch.sign(_signed_area2(tri)).unsqueeze(-1)
+            e_own, e_other = _edge_functions(tri, c_own[walk]) * sign, _edge_functions(tri, c_other[walk]) * sign
+            falling = e_other < e_own  # edges the segment leaves through (their function decreases along it)
+            t_edge = (e_own / (e_own - e_other).where(falling, torch.ones_like(e_own))).where(
+                falling, torch.full_like(e_own, float("inf")))
+            t_exit, edge = t_edge.min(-1)
+            reaches = t_exit > 1  # the face reaches the other centre: no boundary on this segment
+            at_silhouette = silhouette[img, current, edge]
+            found = ~reaches & at_silhouette
+            t = t.index_put((walk[found],), t_exit[found])
+            going = ~reaches & ~at_silhouette
+            walk, current = walk[going], neighbour[current, edge][going].clamp_min(0)
+        return t
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -222,12 +218,14 @@ def _edge_functions(tri: Tensor, point: Tensor) -> Tensor:
                         _cross2(v0 - point, v1 - point)], -1)
 
 
-def _depth_at(xy: Tensor, z: Tensor, faces: Tensor, face: Tensor, point: Tensor) -> Tensor:
-    """z/w of `face` (screen-linear) at screen points [...,2]; +inf where face < 0."""
-    tri = xy[faces[face.clamp_min(0)]]
+def _depth_at(xy: Tensor, z: Tensor, image: Tensor, faces: Tensor, face: Tensor, point: Tensor) -> Tensor:
+    """z/w [N] of `face` [N] of image `image` [N] (screen-linear; xy [B,V,2], z [B,V]) at screen points [N,2];
+    +inf where face < 0."""
+    corners = faces[face.clamp_min(0)]  # [N,3]
+    tri = xy[image.unsqueeze(-1), corners]
     area = _signed_area2(tri).unsqueeze(-1)
     bary = _edge_functions(tri, point) / area.where(area.abs() > 1e-12, torch.ones_like(area))
-    depth = (bary * z[faces[face.clamp_min(0)]]).sum(-1)
+    depth = (bary * z[image.unsqueeze(-1), corners]).sum(-1)
     return depth.where(face >= 0, torch.full_like(depth, float("inf")))
 
 

@@ -26,7 +26,8 @@ from perpneg3d.validation import NonNegativeFloat, PositiveFloat, PositiveInt, v
 class RenderOutput:
     """Images of one camera batch. rgb [B,H,W,3] in [0,1] over the background; opacity, depth,
     z_variance [B,H,W,1]; normal [B,H,W,3] (world, composited; None unless asked for); orientation
-    [B,H,W,1] sum_i w_i max(0, n_i . d)^2 with detached weights (None without normals)."""
+    [B,H,W,1] sum_i w_i max(0, n_i . d)^2 with detached weights (None without normals); mesh: (vertices,
+    faces) a rasterizing renderer drew (None for a volume), for the surface's regularisers."""
 
     rgb: Tensor
     opacity: Tensor
@@ -35,6 +36,7 @@ class RenderOutput:
     normal: Tensor | None = None
     orientation: Tensor | None = None
     num_samples: int = 0
+    mesh: tuple[Tensor, Tensor] | None = None
 
 
 def ray_box_intersection(origins: Tensor, dirs: Tensor, radius: float) -> tuple[Tensor, Tensor]:

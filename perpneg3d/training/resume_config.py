@@ -89,6 +89,12 @@ def reconcile(saved: DictConfig, wanted: dict[str, Any], where: str, fix: str, e
         more = f" (and {len(identity) - 1} more: {', '.join(identity[1:4])})" if len(identity) > 1 else ""
         raise ConfigError(f"{where}: {k}={changed[k]!r} would change the run, which has {k}={old.get(k, ABSENT)!r}"
                           f"{more}; {fix}")
+    return apply_changes(saved, changed, where)
+
+
+def apply_changes(saved: DictConfig, changed: dict[str, Any], where: str) -> DictConfig:
+    """A resolved copy of `saved` with each dotted key set to its value (ABSENT: removed), logged."""
+    old = leaves(saved)
     cfg = OmegaConf.create(OmegaConf.to_container(saved, resolve=True))
     for k, v in sorted(changed.items()):
         if v == ABSENT:  # removed with ~key: drop the leaf, then parents it leaves empty

@@ -79,6 +79,13 @@ def prepare_run_dir(cfg: DictConfig, overrides: list[str] | None, lock: RunLock)
     return cfg, run_dir, None
 
 
+def describe(geometry) -> str:
+    """The geometry's class and, for a hash grid, its implementation (tcnn or torch), for the run's first log line."""
+    field = getattr(geometry, "color_field", geometry)
+    encoding = getattr(field, "encoding", None)
+    return type(geometry).__name__ + (f" ({encoding.implementation})" if encoding is not None else "")
+
+
 def janus_evaluator(cfg: DictConfig, denoiser, cameras, run_dir: Path):
     """Closure computing Janus metrics at the end of training, when a view classifier is at hand."""
     if cfg.evaluate_janus is False or (cfg.evaluate_janus == "auto" and not isinstance(denoiser, HasViewClassifier)):
@@ -113,8 +120,13 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     (default: Hydra's, under train.py); None outside Hydra, when a resume compares all of `cfg`."""
     validate_prompt(cfg.prompt)
     require(isinstance(cfg.seed, int), f"seed={cfg.seed!r} must be an integer")
+    overrides = overrides if overrides is not None else command_line_overrides()
+    if cfg.get("refine") and not cfg.resume:  # a new second-stage run: the source run's config plus the stage's
+        from perpneg3d.training.refine import refine_config
+
+        cfg = refine_config(cfg, overrides or [])
     with RunLock() as lock:
-        cfg, run_dir, state = prepare_run_dir(cfg, overrides if overrides is not None else command_line_overrides(), lock)
+        cfg, run_dir, state = prepare_run_dir(cfg, overrides, lock)
         return _train_in(cfg, run_dir, state)
 
 
@@ -129,14 +141,18 @@ def _train_in(cfg: DictConfig, run_dir: Path, state: dict | None) -> Path:
     geometry = instantiate(cfg.geometry)
     renderer = instantiate(cfg.renderer)
     exporter = instantiate(cfg.export) if cfg.get("export") and "_target_" in cfg.export else None
+    if cfg.get("refine") and state is None:
+        from perpneg3d.training.refine import initialise
+
+        initialise(geometry, renderer, cfg)
     guidance = instantiate(cfg.guidance)
     prompts.bind(guidance.denoiser)  # embeds the view texts once, now: a bad prompt fails before step 0
     from torch.utils.tensorboard import SummaryWriter
 
     # purge_step: a resumed run's events replace those an interrupted or abandoned history logged after it
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state["step"] + 1 if state else None)
-    log.info("run folder %s | geometry %s | renderer %s | device %s", run_dir, geometry.encoding.implementation,
-             renderer.backend, device_of(guidance.denoiser))
+    log.info("run folder %s | geometry %s | renderer %s | device %s", run_dir, describe(geometry), renderer.backend,
+             device_of(guidance.denoiser))
     try:
         metrics = trainer.fit(geometry, renderer, guidance, prompts, cameras, run_dir, seed=cfg.seed, state=state,
                               writer=writer, evaluate=janus_evaluator(cfg, guidance.denoiser, cameras, run_dir),

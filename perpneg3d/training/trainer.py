@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from perpneg3d.contracts import Geometry, Renderer, device_of
+from perpneg3d.contracts import Geometry, Renderer, Surface, device_of
 from perpneg3d.errors import ExportError, NumericalError, PerpNegError, require
 from perpneg3d.random_streams import RandomStreams
 from perpneg3d.run_dir import write_atomic
@@ -93,6 +93,8 @@ class Trainer:
         lambda_sparsity: RampValue = 1.0,
         lambda_opaque: RampValue = 0.0,
         lambda_z_variance: RampValue = 0.0,
+        lambda_normal_consistency: RampValue = 0.0,
+        lambda_laplacian: RampValue = 0.0,
         val_every: PositiveInt = 200,
         val_resolution: PositiveInt = 128,
         ckpt_every: PositiveInt = 500,
@@ -109,7 +111,8 @@ class Trainer:
         self.max_steps, self.lrs = max_steps, dict(learning_rates or DEFAULT_LRS)
         self.betas, self.eps = tuple(betas), eps
         self.lambdas = dict(sds=lambda_sds, orient=lambda_orient, sparsity=lambda_sparsity, opaque=lambda_opaque,
-                            z_variance=lambda_z_variance)
+                            z_variance=lambda_z_variance, normal_consistency=lambda_normal_consistency,
+                            laplacian=lambda_laplacian)
         self.val_every, self.val_resolution, self.ckpt_every = val_every, val_resolution, ckpt_every
         self.keep_checkpoints, self.log_every = keep_checkpoints, log_every
         self.turntable = dict(frames=turntable_frames, fps=turntable_fps, resolution=turntable_resolution,
@@ -125,9 +128,13 @@ class Trainer:
         params = [{"params": p, "lr": self.lrs.get(name, 0.0), "name": name} for name, p in groups.items() if p]
         return torch.optim.Adam(params, betas=self.betas, eps=self.eps)
 
-    def losses(self, out, sds_loss, step: int) -> dict[str, torch.Tensor]:
-        """SDS plus regularisers (orientation, sparsity, opacity, z-variance), weighted at `step`."""
+    def losses(self, out, sds_loss, step: int, surface: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """SDS plus regularisers (orientation, sparsity, opacity, z-variance; a surface's own, such as normal
+        consistency and Laplacian, from `surface`), weighted at `step`."""
         terms = {"sds": sds_loss}
+        unknown = set(surface or {}) - set(self.lambdas)
+        require(not unknown, f"the geometry's regularisers {sorted(unknown)} have no trainer.lambda_<name>")
+        terms.update({k: v for k, v in (surface or {}).items() if ramp(self.lambdas[k], step) > 0})
         if out.orientation is not None and ramp(self.lambdas["orient"], step) > 0:
             terms["orient"] = out.orientation.sum() / (out.opacity > 0).sum().clamp_min(1)
         terms["sparsity"] = (out.opacity ** 2 + 0.01).sqrt().mean()
@@ -207,7 +214,11 @@ class Trainer:
             prompt_batch = run.prompts(cams.azimuth_deg, cams.elevation_deg)
         with timer.phase("guidance"):
             sds = guidance(out.rgb, prompt_batch, step, rng.device)
-        terms = self.losses(out, sds.loss, step)
+        surface = None
+        if out.mesh is not None and isinstance(geometry, Surface) and \
+                any(ramp(self.lambdas[k], step) > 0 for k in ("normal_consistency", "laplacian")):
+            surface = geometry.regularizers(*out.mesh)
+        terms = self.losses(out, sds.loss, step, surface)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         with timer.phase("backward"):
