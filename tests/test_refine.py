@@ -150,3 +150,23 @@ def test_export_of_a_surface_is_upright_1m_with_its_front_on_minus_y(tmp_path):
     assert hi[0] - lo[0] == pytest.approx(0.6 / 0.95, rel=0.04)
     top = mesh.vertices[mesh.vertices[:, 1].argmax()]
     assert top[2] > 0.3  # the head: front (+x) -> Blender -Y -> glTF +z
+
+
+def test_then_refine_runs_both_stages_and_a_requeued_job_continues_the_second(tmp_path):
+    """A sweep job with then_refine: the coarse run, then <job>/refine. Requeued (the same job folder, as a
+    requeued SLURM job gets) with the refine stage unfinished, the finished first stage is not trained or
+    exported again and the refine stage resumes from its checkpoint."""
+    job = tmp_path / "job"
+    stage = [o for o in REFINE if not o.startswith("threads")]
+    base = TINY_TOY + ["trainer.max_steps=10", "trainer.ckpt_every=10", "threads=1", "then_refine=true"]
+    first = base + ["refine_overrides=[" + ",".join(f'"{o}"' for o in stage + ["trainer.max_steps=2"]) + "]"]
+    done = train(compose_train(first, tmp_path), first, into=job)
+    assert done == job / "refine" and (done / "mesh.glb").is_file() and (job / "mesh.glb").is_file()
+    assert latest_valid_checkpoint(done)[1]["step"] == 2
+    coarse_mesh = (job / "mesh.glb").stat().st_mtime_ns
+    again = base + ["refine_overrides=[" + ",".join(f'"{o}"' for o in stage + ["trainer.max_steps=4"]) + "]"]
+    assert train(compose_train(again, tmp_path), again, into=job) == done
+    assert (job / "mesh.glb").stat().st_mtime_ns == coarse_mesh  # the first stage was not run again
+    assert latest_valid_checkpoint(job)[1]["step"] == 10
+    assert latest_valid_checkpoint(done)[1]["step"] == 4
+    assert json.loads((done / "metrics.json").read_text())["steps"] == 4

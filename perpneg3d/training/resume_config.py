@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Keys a resumed run (or a requeued sweep job) may change; fnmatch patterns on dotted keys.
 SAFE_ON_RESUME = (
-    "resume", "out_dir", "name",
+    "resume", "out_dir", "name", "then_refine", "refine_overrides", "refine_stage",
     "trainer.max_steps", "trainer.val_every", "trainer.val_resolution", "trainer.ckpt_every",
     "trainer.keep_checkpoints", "trainer.log_every", "trainer.turntable_*", "trainer.progress",
     "trainer.max_nonfinite_steps", "threads",

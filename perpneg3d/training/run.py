@@ -43,10 +43,12 @@ def command_line_overrides() -> list[str] | None:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
-def prepare_run_dir(cfg: DictConfig, overrides: list[str] | None, lock: RunLock) -> tuple[DictConfig, Path, dict | None]:
+def prepare_run_dir(cfg: DictConfig, overrides: list[str] | None, lock: RunLock,
+                    into: Path | None = None) -> tuple[DictConfig, Path, dict | None]:
     """(config, run folder, checkpoint state or None): resume=... and a requeued sweep job rebuild the
-    run from its own config.yaml (resume_config); otherwise a fresh folder and `cfg` as given. The
-    run folder is locked (`lock`) before anything in it is read or moved."""
+    run from its own config.yaml (resume_config); otherwise a fresh folder and `cfg` as given. `into`: a
+    fixed folder (the refine stage of then_refine), treated as a sweep job's. The run folder is locked
+    (`lock`) before anything in it is read or moved."""
     if cfg.resume:
         if not Path(str(cfg.resume)).expanduser().exists():
             resolve_resume(str(cfg.resume))  # raises its one line: no such run folder or checkpoint
@@ -64,7 +66,7 @@ def prepare_run_dir(cfg: DictConfig, overrides: list[str] | None, lock: RunLock)
                   f"{moved}", flush=True)
         log.info("resuming from %s (step %d)", path, state["step"])
         return cfg, run_dir, state
-    job_dir = hydra_job_dir()
+    job_dir = into if into is not None else hydra_job_dir()
     if job_dir is not None:  # sweep job: Hydra's folder; a requeued job finds its own checkpoints there
         job_dir.mkdir(parents=True, exist_ok=True)
         check_writable(job_dir)
@@ -115,9 +117,10 @@ def export_command(cfg: DictConfig, run_dir: Path, fixes: tuple[str, ...] = ()) 
     return " ".join(["python scripts/export.py", f"run={run_dir}", *shown])
 
 
-def train(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
-    """Run (or resume) one training job; returns its run folder. overrides: the command line's
-    (default: Hydra's, under train.py); None outside Hydra, when a resume compares all of `cfg`."""
+def train(cfg: DictConfig, overrides: list[str] | None = None, into: Path | None = None) -> Path:
+    """Run (or resume) one training job; returns its run folder (with then_refine, the refine stage's).
+    overrides: the command line's (default: Hydra's, under train.py); None outside Hydra, when a resume
+    compares all of `cfg`. into: train in this folder (resuming what it holds) instead of a new one."""
     validate_prompt(cfg.prompt)
     require(isinstance(cfg.seed, int), f"seed={cfg.seed!r} must be an integer")
     overrides = overrides if overrides is not None else command_line_overrides()
@@ -126,8 +129,24 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
 
         cfg = refine_config(cfg, overrides or [])
     with RunLock() as lock:
-        cfg, run_dir, state = prepare_run_dir(cfg, overrides, lock)
-        return _train_in(cfg, run_dir, state)
+        cfg, run_dir, state = prepare_run_dir(cfg, overrides, lock, into)
+        finished = state is not None and state["step"] >= cfg.trainer.max_steps and (run_dir / "metrics.json").is_file()
+        if cfg.get("then_refine") and finished:  # a requeued two-stage job whose first stage is done
+            log.info("%s finished its first stage earlier: on to the refine stage", run_dir)
+        else:
+            run_dir = _train_in(cfg, run_dir, state)
+    if cfg.get("then_refine") and not cfg.get("refine"):
+        return refine_after(run_dir, list(cfg.get("refine_overrides") or []))
+    return run_dir
+
+
+def refine_after(run_dir: Path, overrides: list[str]) -> Path:
+    """then_refine: the refine stage of a finished run in <run>/refine (resumed if it holds checkpoints, so a
+    requeued sweep job finishes both stages): the stage's config with `overrides` (refine_overrides)."""
+    from perpneg3d.training.refine import refine_config
+
+    cfg = refine_config(OmegaConf.create({"refine": str(run_dir), "resume": None}), overrides)
+    return train(cfg, overrides, into=run_dir / "refine")
 
 
 def _train_in(cfg: DictConfig, run_dir: Path, state: dict | None) -> Path:
