@@ -9,7 +9,8 @@ nerfacc's kernel build and its time, tinycudann; the node's `pip freeze` to DIR/
 one Perp-Neg SDS step with the full-size SD 2.1-base at random weights (NaN count, fp16 vs fp32 VAE
 latents), parity (torch hash grid CPU vs device; nerfacc marcher vs stratified sampler; tcnn vs torch),
 the host<->device synchronisations of one training step (perpneg3d's own, nerfacc's sampler's and the
-skip decision counted apart), the step benchmark, `pytest -m gpu`, and torch.compile last
+skip decision counted apart), the step benchmark, the refine stage (torch rasterizer vs nvdiffrast; refine
+steps at 512 px), `pytest -m gpu`, and torch.compile last
 (--skip-compile). Sections that would start after --budget-s seconds are skipped with that reason.
 Exit code 1 when any check fails (each named in the report's failed_checks), 0 otherwise.
 """
@@ -174,6 +175,67 @@ def sds_step(args) -> dict:
     return result
 
 
+def refine_check(args) -> dict:
+    """The refine stage: the torch rasterizer against nvdiffrast's CUDA context (when installed) on one mesh at
+    the refine's 512 px (64 with --tiny), forward and backward; then refine steps with the full-size SD 2.1-base
+    at random weights at 512 px: ms per step and peak memory against the targets (50 ms, 12 GB)."""
+    import trimesh
+
+    from perpneg3d.cameras import orbit_cameras
+    from perpneg3d.renderer.mesh_renderer import projection
+    from perpneg3d.renderer.nvdiffrast_rasterizer import NvdiffrastRasterizer, import_nvdiffrast
+    from perpneg3d.renderer.torch_rasterizer import TorchRasterizer
+    from perpneg3d.training.step_benchmark import refine_config
+
+    res, dev = (64 if args.tiny else 512), args.device
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
+    vertices = torch.tensor(sphere.vertices, dtype=torch.float32, device=dev)
+    faces = torch.tensor(sphere.faces, dtype=torch.long, device=dev)
+    cams = orbit_cameras(torch.tensor([0.0, 120.0]), torch.tensor([15.0, 15.0]), 2.0, 40.0, res).to(dev)
+    clip = torch.einsum("bij,vj->bvi", projection(cams, 0.05, 100.0), torch.cat([vertices, torch.ones_like(vertices[:, :1])], -1))
+    result, rasts = dict(faces=int(len(faces)), resolution=res), {}
+    backends = {"torch": TorchRasterizer()}
+    dr = import_nvdiffrast() if dev.type == "cuda" else None
+    if dr is not None:
+        backends["nvdiffrast"] = NvdiffrastRasterizer(dr, dev)
+    else:
+        result["nvdiffrast"] = "not installed or not on CUDA (pip install -e .[nvdiffrast])"
+    for name, rasterizer in backends.items():
+        def once():
+            c = clip.detach().requires_grad_(True)
+            rast = rasterizer.rasterize(c, faces, (res, res))
+            image = rasterizer.antialias(rasterizer.interpolate(vertices.abs(), rast, faces), rast, c, faces)
+            image.sum().backward()
+            return rast.detach()
+        once()
+        synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            rasts[name] = once()
+        synchronize(dev)
+        result[f"{name}_ms"] = round(1000 * (time.perf_counter() - t0) / 5, 2)
+    if len(rasts) == 2:
+        a, b = rasts["torch"], rasts["nvdiffrast"]
+        same = (a[..., 3] == b[..., 3]) & (a[..., 3] > 0)
+        result.update(coverage_agreement=float(((a[..., 3] > 0) == (b[..., 3] > 0)).float().mean()),
+                      face_id_agreement=float(same.sum() / (a[..., 3] > 0).sum().clamp_min(1)),
+                      barycentric_max_diff=float((a[..., :2] - b[..., :2]).abs()[same].max()) if same.any() else None)
+        result["parity_ok"] = result["coverage_agreement"] >= 0.99 and (result["barycentric_max_diff"] or 0) < 1e-3
+    overrides = ["stage=refine", f"cameras.heights=[{res}]", f"cameras.widths=[{res}]", "cameras.batch_size=1",
+                 "trainer.progress=false", "prompts.perp_neg=true"] + (["geometry.grid_resolution=32"] if args.tiny else [])
+    bench = measure(build_setup([], make_denoiser(args), cfg=refine_config(overrides)), args.steps, args.warmup)
+    memory = bench.get("peak_allocated_mb", bench.get("peak_rss_mb"))
+    result.update(refine_step_ms=round(bench["ms"]["step"], 1), refine_phases_ms={k: round(v, 1) for k, v in bench["ms"].items()},
+                  refine_peak_mb=round(memory), refine_renderer=bench["renderer"],
+                  targets_met=bench["ms"]["step"] <= 50 and memory <= 12 * 1024)
+    return result
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench_overrides(args, perp_neg: bool = True, estimator: str = "auto") -> list[str]:
     res = 16 if args.tiny else 64
     return [f"prompts.perp_neg={str(perp_neg).lower()}", "trainer.progress=false", "cameras.batch_size=1",
@@ -296,7 +358,8 @@ def markdown(report: dict) -> str:
 
 
 SECTIONS = (("environment", environment), ("sds_step", sds_step), ("parity", parity), ("sync_count", sync_count),
-            ("step_benchmark", step_benchmark), ("pytest_gpu", gpu_tests), ("compile", compile_benchmark))
+            ("step_benchmark", step_benchmark), ("refine", refine_check), ("pytest_gpu", gpu_tests),
+            ("compile", compile_benchmark))
 
 
 def failed_checks(report: dict) -> list[str]:
@@ -318,6 +381,10 @@ def failed_checks(report: dict) -> list[str]:
     if sync.get("ok") is False:
         failed.append(f"sync_count: {sync['own']} synchronisations of perpneg3d's own per step (target 0): "
                       f"{sync.get('locations')}")
+    refine = report.get("refine", {})
+    if refine.get("parity_ok") is False:
+        failed.append(f"refine: torch rasterizer vs nvdiffrast differ (coverage {refine['coverage_agreement']:.4f}, "
+                      f"barycentrics {refine['barycentric_max_diff']})")
     tests = report.get("pytest_gpu", {})
     if tests.get("ok") is False:
         failed.append(f"pytest_gpu: {tests.get('summary')}")

@@ -283,6 +283,9 @@ def test_gpu_check_cpu_tiny_mode_writes_its_report(tmp_path):
     assert all(r["ms"]["step"] > 0 and r["skipped_steps"] == 0 for r in rows.values())
     assert report["parity"]["hash_grid_cpu_vs_device_max_abs"] == 0.0
     assert "no CUDA device" in report["sync_count"]["skipped"]
+    refine = report["refine"]  # torch rasterizer timed; nvdiffrast said absent on a CPU; refine steps ran
+    assert refine["faces"] == 5120 and refine["torch_ms"] > 0 and "not installed or not on CUDA" in refine["nvdiffrast"]
+    assert refine["refine_step_ms"] > 0 and refine["refine_renderer"] == "rasterizer auto" and "parity_ok" not in refine
     md = (tmp_path / "gpu_report.md").read_text()
     assert "| Perp-Neg (K=2) |" in md and "## sds_step" in md
 

@@ -164,3 +164,20 @@ def test_dmtet_takes_a_coarse_runs_surface_and_colour(tmp_path, monkeypatch):
     vertices, faces = geometry.mesh()
     assert vertices.norm(dim=-1).mean().item() == pytest.approx(0.36, rel=0.01)
     assert torch.equal(geometry.albedo(points), coarse.albedo(points))
+
+
+def test_mesh_quality_counts_by_hand():
+    import trimesh
+
+    from perpneg3d.evaluation.mesh_quality import mesh_quality
+
+    cube = mesh_quality(trimesh.creation.box())
+    # 12 triangles, 18 edges: 6 face diagonals between coplanar triangles (0 deg), 12 cube edges (90 deg)
+    assert cube == dict(components=1, non_manifold_edges=0, watertight=True, faces=12,
+                        mean_normal_angle_deg=pytest.approx(12 * 90 / 18))
+    two = trimesh.util.concatenate([trimesh.creation.box(), trimesh.creation.box().apply_translation([3, 0, 0])])
+    assert mesh_quality(two)["components"] == 2
+    fan = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1]], [[0, 1, 2], [1, 0, 3], [0, 1, 4]],
+                          process=False)
+    quality = mesh_quality(fan)  # edge 0-1 is used by three faces; the other 6 edges by one (open borders)
+    assert quality["non_manifold_edges"] == 7 and not quality["watertight"]

@@ -76,3 +76,20 @@ def test_coverage_gradient_with_respect_to_the_mesh_matches_finite_differences()
     disk_pixels = disk_fraction(RADIUS, DISTANCE, FOVY) * 32 * 32
     assert scale.grad.item() == pytest.approx(2 * disk_pixels, rel=0.1)  # area ~ scale^2 for a far camera
     assert math.isfinite(scale.grad.item())
+
+
+def test_the_rasterizer_backend_is_chosen_by_the_mesh_device():
+    from perpneg3d.errors import ConfigError
+    from perpneg3d.renderer import DiffuseMaterial, MeshRenderer, SolidBackground
+    from perpneg3d.renderer.torch_rasterizer import TorchRasterizer
+
+    def renderer(choice):
+        return MeshRenderer(SolidBackground((1.0, 1.0, 1.0)), DiffuseMaterial(), rasterizer=choice)
+
+    assert isinstance(renderer("auto")._rasterizer_for(torch.device("cpu")), TorchRasterizer)  # CPU: torch, no log
+    with pytest.raises(ConfigError, match=r"renderer.rasterizer=nvdiffrast needs CUDA"):
+        renderer("nvdiffrast")._rasterizer_for(torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"renderer.rasterizer='opengl': use auto, torch, nvdiffrast"):
+        renderer("opengl")
+    own = TorchRasterizer(tile=4)
+    assert renderer(own)._rasterizer_for(torch.device("cpu")) is own

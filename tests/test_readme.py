@@ -57,6 +57,10 @@ RUN_INSTEAD = {"make demo": "python train.py experiment=toy"}
 LIGHTER = [(r"trainer\.max_steps=\d+", "trainer.max_steps=8"), (r"export\.resolution=\d+", "export.resolution=32"),
            (r"num_samples=\d+", "num_samples=2")]
 TINY = [o for o in TINY_TOY if o != "experiment=toy"] + ["trainer.turntable_frames=2"]
+# the refine stage's tiny settings (its geometry is a DMTet: the first stage's hash-grid keys do not apply)
+REFINE_TINY = ["geometry.grid_resolution=16", "trainer.max_steps=3", "trainer.val_every=3", "trainer.val_resolution=16",
+               "trainer.turntable_frames=2", "trainer.turntable_resolution=16", "trainer.progress=false",
+               "export.texture_size=64"]
 
 
 def readme_commands() -> list[str]:
@@ -112,13 +116,22 @@ def offline(command: str, places: dict) -> str:
         command = re.sub(pattern, light, command)
     words = shlex.split(command)
     out = places["out"]
-    if words[:2] == ["python", "train.py"] and not any(w.startswith("-") and w != "-m" for w in words[2:]):
+    if words[:2] == ["python", "train.py"] and any(w.startswith("refine=") for w in words):
+        command += " " + " ".join(REFINE_TINY) + f" out_dir={out}"
+    elif words[:2] == ["python", "train.py"] and not any(w.startswith("-") and w != "-m" for w in words[2:]):
         if not any(w.startswith("resume=") for w in words):
             command += " " + " ".join(shlex.quote(o) for o in TINY) + f" out_dir={out}"
+        if "then_refine=true" in words:
+            command += " " + shlex.quote("refine_overrides=[" + ",".join(f'"{o}"' for o in REFINE_TINY) + "]")
     elif words[:2] == ["python", "scripts/sample_2d.py"]:
         command += f" steps=3 out_dir={out}/sample_2d guidance.denoiser.dataset.num_images=300"
     elif words[:2] == ["python", "scripts/eval_view_fidelity.py"]:
         command += f" preset=small out_dir={out}/fidelity"
+    elif words[:2] == ["python", "scripts/bench_refine.py"]:
+        tiny = "[" + ",".join(f"'{o}'" for o in ["experiment=toy", *TINY]) + "]"
+        stage = "[" + ",".join(f"'{o}'" for o in REFINE_TINY) + "]"
+        command += (f" objects=[dog] seeds=[0] {shlex.quote('overrides=' + tiny)} "
+                    f"{shlex.quote('refine_overrides=' + stage)} out_dir={out}/bench_refine")
     elif words[:2] == ["python", "scripts/bench_janus.py"]:
         tiny = "[" + ",".join(f"'{o}'" for o in ["experiment=toy", *TINY, "~export"]) + "]"
         command += f" objects=[dog] seeds=[0] launcher=basic {shlex.quote('overrides=' + tiny)} out_dir={out}/bench"

@@ -60,7 +60,7 @@ class MeshRenderer(nn.Module):
         self.background, self.material = background, material
         self.choice = rasterizer
         self.rasterizer = rasterizer if not isinstance(rasterizer, str) else TorchRasterizer()
-        self._device = torch.device("cpu")
+        self._device: torch.device | None = None  # where the current rasterizer was chosen for
         self.near, self.far = near, far
 
     @property

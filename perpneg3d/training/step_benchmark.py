@@ -40,9 +40,20 @@ def compose_train(overrides: list[str]):
         return compose("train", overrides=list(overrides))
 
 
-def build_setup(overrides: list[str], denoiser=None) -> StepSetup:
-    """Instantiate a run's components (denoiser: use this object instead of the configured one)."""
+def refine_config(overrides: list[str]):
+    """A refine stage's config without a source run: `overrides` must name a stage (stage=refine, ...); the
+    colour field is the same overrides' coarse geometry, the DMTet a sphere of geometry.init_radius. Its step
+    costs what a refine of a real run costs (the mesh's size aside)."""
+    coarse = compose_train([o for o in overrides if not o.startswith(("stage=", "geometry.", "trainer."))])
     cfg = compose_train(overrides)
+    cfg.geometry.color_field, cfg.geometry.radius = coarse.geometry, coarse.geometry.radius
+    return cfg
+
+
+def build_setup(overrides: list[str], denoiser=None, cfg=None) -> StepSetup:
+    """Instantiate a run's components (denoiser: use this object instead of the configured one; cfg: this
+    composed config instead of composing `overrides`)."""
+    cfg = compose_train(overrides) if cfg is None else cfg
     torch.manual_seed(0)
     trainer, cameras, prompts = instantiate(cfg.trainer), instantiate(cfg.cameras), instantiate(cfg.prompts)
     guidance = instantiate(cfg.guidance, denoiser=denoiser) if denoiser is not None else instantiate(cfg.guidance)
@@ -79,5 +90,7 @@ def measure(setup: StepSetup, steps: int, warmup: int) -> dict:
         guidance.denoiser = real_denoiser
     ms = {k: 1000 * v / steps for k, v in timer.seconds.items()}
     ms["guidance_other"] = ms.get("guidance", 0) - ms.get("encode", 0) - ms.get("denoiser", 0)
-    return dict(ms=ms, its=1000 / ms["step"], device=str(setup.device), geometry=setup.geometry.encoding.implementation,
+    from perpneg3d.training.run import describe
+
+    return dict(ms=ms, its=1000 / ms["step"], device=str(setup.device), geometry=describe(setup.geometry),
                 renderer=setup.renderer.backend, skipped_steps=run.counters["nonfinite_steps"], **peak_memory_mb(setup.device))
