@@ -128,7 +128,7 @@ class TorchHashGrid(nn.Module):
                 for w, r in zip(weights, rows):
                     acc += w.unsqueeze(-1) * self.embeddings.index_select(0, r.reshape(-1)).view(*r.shape, self.n_features)
                 out.append(acc)
-        return torch.cat(out, 1).reshape(n, -1)
+        return torch.cat(out, 1).flatten(1)  # [N, levels * features]; N may be 0 (nothing to encode)
 
 
 class HashGridEncoding(nn.Module):

@@ -1,0 +1,184 @@
+"""Why toy runs fail the Janus benchmark: three diagnoses, each rerunnable (issue 21; docs/janus.md).
+
+    python scripts/diagnose_janus.py                                  # all three parts
+    python scripts/diagnose_janus.py parts=[classifier] objects=[cat]
+
+classifier:  the toy view classifier's accuracy per object and view on ground-truth renders at random
+             azimuths, elevations 0-30 and distances 1.8-2.1 (not its reference grid).
+reconstruct: the toy preset's field, renderer and cameras fitted to ground-truth renders of each object from all
+             azimuths (photometric loss, no guidance); then the Janus metrics. If an object cannot be
+             reconstructed with views the classifier labels right, the defect is not in the guidance.
+layout:      toy-preset runs traced from step 0 every `layout_every` steps: per azimuth (0, 45, ..., 315) the
+             classifier's label of the render and the SDS gradient's norm; the density's extent along x and y.
+Writes diagnosis.md, diagnosis.json and pictures (reconstruct.png, layout_<object>_<seed>.png) into out_dir.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from perpneg3d.cameras import CameraBatch, look_at, spherical_position
+from perpneg3d.config import compose_config, instantiate, run_script
+from perpneg3d.errors import require
+from perpneg3d.evaluation.janus import janus_metrics
+from perpneg3d.evaluation.layout import density_extent, sds_norm_per_view
+from perpneg3d.images import make_grid, save_png
+from perpneg3d.prompts.views import VIEWS, view_labels
+from perpneg3d.random_streams import RandomStreams
+from perpneg3d.renderer.orbit import render_rgb
+from perpneg3d.toy.objects import render_objects
+
+AZIMUTHS = torch.arange(8) * 45.0
+
+
+def toy_parts(cfg, obj: str, seed: int = 0):
+    """(run config, trainer, cameras, prompts, geometry, renderer, guidance) of the toy preset for one object."""
+    run = compose_config("train", list(cfg.overrides) + [f'prompt="a toy {obj}"', f"seed={seed}"])
+    torch.manual_seed(seed)
+    return (run, instantiate(run.trainer), instantiate(run.cameras), instantiate(run.prompts), instantiate(run.geometry),
+            instantiate(run.renderer), instantiate(run.guidance))
+
+
+def classifier_part(cfg, classifier, out: Path) -> dict:
+    g = torch.Generator().manual_seed(0)
+    n, result = int(cfg.classifier_views), {}
+    for obj in cfg.objects:
+        az = torch.rand(n, generator=g) * 360 - 180
+        el = torch.rand(n, generator=g) * 30
+        dist = 1.8 + 0.3 * torch.rand(n, generator=g)
+        eye = spherical_position(az, el, dist)
+        cams = CameraBatch(look_at(eye, torch.zeros_like(eye)), torch.full((n,), 40.0), az, el, dist, eye, 32, 32)
+        pred = classifier(render_objects([obj] * n, cams, supersample=2))
+        truth = view_labels(az, torch.zeros_like(az))
+        ok = pred.object_idx == classifier.object_index(f"a toy {obj}")
+        per_view = {VIEWS[v]: float(((pred.view_idx == truth) & ok)[truth == v].float().mean()) for v in range(3)}
+        confusion = {VIEWS[v]: {VIEWS[p]: int(((pred.view_idx == p) & ok & (truth == v)).sum()) for p in range(3)}
+                     for v in range(3)}
+        result[obj] = dict(object_recognised=float(ok.float().mean()), view_accuracy=per_view, confusion=confusion)
+    return result
+
+
+def reconstruct_part(cfg, out: Path) -> dict:
+    result, strips = {}, []
+    for obj in cfg.objects:
+        run, trainer, cameras, prompts, geometry, renderer, guidance = toy_parts(cfg, obj)
+        classifier = guidance.denoiser.view_classifier()
+        optimizer = trainer.make_optimizer(geometry, renderer)
+        rng = RandomStreams.seeded(0)
+        t0 = time.perf_counter()
+        for step in range(int(cfg.reconstruct_steps)):
+            geometry.update_step(step)
+            renderer.update(step, geometry)
+            cams = cameras.sample(step, rng.device)
+            target = render_objects([obj] * cams.batch_size, cams, supersample=2).permute(0, 2, 3, 1)
+            rendered = renderer(geometry, cams, shading="albedo", rng=rng)
+            loss = torch.nn.functional.mse_loss(rendered.rgb, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        cam = dict(classifier.camera)
+        janus = janus_metrics(geometry, renderer, classifier, f"a toy {obj}", **cam)
+        level = float(run.export.threshold) if run.export.threshold != "auto" else 5.0
+        result[obj] = dict(photometric_mse=float(loss), seconds=round(time.perf_counter() - t0, 1),
+                           view_acc=janus["view_acc"], view_acc_aligned=janus["view_acc_aligned"],
+                           janus_free=janus["janus_free"], front_share=janus["front_share"],
+                           side_views_labelled_side=side_share(janus), extent=density_extent(geometry, level))
+        strips.append(render_rgb(geometry, renderer, AZIMUTHS, torch.full_like(AZIMUTHS, 15.0), cam["distance"],
+                                 cam["fovy_deg"], cam["resolution"]))
+    save_png(make_grid(torch.cat(strips), nrow=len(AZIMUTHS), upscale=2), out / "reconstruct.png")
+    return result
+
+
+def side_share(janus: dict) -> float:
+    """Share of the strip's side azimuths (45 < |a| < 135) that the classifier labels side (object recognised)."""
+    az = torch.tensor(janus["azimuth_deg"])
+    side = (az.abs() > 45) & (az.abs() < 135)
+    pred = torch.tensor(janus["predicted_view"])
+    ok = torch.tensor(janus["object_ok"])
+    return float(((pred == VIEWS.index("side")) & ok)[side].float().mean())
+
+
+def layout_part(cfg, out: Path) -> dict:
+    result = {}
+    for spec in cfg.layout_runs:
+        obj, seed = spec.split(":")
+        run, trainer, cameras, prompts, geometry, renderer, guidance = toy_parts(cfg, obj, int(seed))
+        classifier = guidance.denoiser.view_classifier()
+        state = trainer.start(geometry, renderer, guidance, prompts, cameras, int(seed))
+        cam = dict(classifier.camera)
+        trace, frames = [], []
+        for step in range(1, int(cfg.layout_steps) + 1):  # traced after the step (the occupancy grid is set)
+            trainer.train_step(step - 1, state)
+            if step % int(cfg.layout_every) == 0 or step == 1:
+                rgb = render_rgb(geometry, renderer, AZIMUTHS, torch.full_like(AZIMUTHS, 15.0), cam["distance"],
+                                 cam["fovy_deg"], cam["resolution"])
+                pred = classifier(rgb)
+                norms = sds_norm_per_view(guidance, state.prompts, geometry, renderer, AZIMUTHS, 15.0, cam["distance"],
+                                          cam["fovy_deg"], cam["resolution"], step)
+                ok = pred.object_idx == classifier.object_index(run.prompt)
+                labels = [VIEWS[v] if o else "?" for v, o in zip(pred.view_idx.tolist(), ok.tolist())]
+                trace.append(dict(step=step, labels=labels, predicted_azimuth=pred.azimuth_deg.tolist(),
+                                  sds_norm=[round(x, 3) for x in norms.tolist()], extent=density_extent(geometry, 5.0)))
+                frames.append(rgb)
+        result[spec] = trace
+        save_png(make_grid(torch.cat(frames), nrow=len(AZIMUTHS), upscale=2), out / f"layout_{obj}_{seed}.png")
+    return result
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Janus diagnosis (scripts/diagnose_janus.py)", ""]
+    if "classifier" in report:
+        lines += ["## Toy view classifier on ground-truth renders", "",
+                  "| object | recognised | front acc | side acc | back acc | side classified as (front/side/back) |",
+                  "|---|---|---|---|---|---|"]
+        for obj, r in report["classifier"].items():
+            c = r["confusion"]["side"]
+            lines.append(f"| {obj} | {r['object_recognised']:.2f} | {r['view_accuracy']['front']:.2f} | "
+                         f"{r['view_accuracy']['side']:.2f} | {r['view_accuracy']['back']:.2f} | "
+                         f"{c['front']}/{c['side']}/{c['back']} |")
+        lines.append("")
+    if "reconstruct" in report:
+        lines += ["## Photometric reconstruction (no guidance)", "",
+                  "| object | mse | view_acc | aligned | Janus-free | side views labelled side | extent x / y / z |",
+                  "|---|---|---|---|---|---|---|"]
+        for obj, r in report["reconstruct"].items():
+            e = r["extent"]
+            lines.append(f"| {obj} | {r['photometric_mse']:.4f} | {r['view_acc']:.2f} | {r['view_acc_aligned']:.2f} | "
+                         f"{r['janus_free']} | {r['side_views_labelled_side']:.2f} | {e['x']:.2f} / {e['y']:.2f} / {e['z']:.2f} |")
+        lines.append("")
+    for spec, trace in report.get("layout", {}).items():
+        lines += [f"## Layout trace {spec} (azimuths {', '.join(str(int(a)) for a in AZIMUTHS.tolist())})", "",
+                  "| step | labels | SDS norm per azimuth | extent x / y |", "|---|---|---|---|"]
+        for row in trace:
+            lines.append(f"| {row['step']} | {' '.join(row['labels'])} | {' '.join(f'{x:.2f}' for x in row['sds_norm'])} | "
+                         f"{row['extent']['x']:.2f} / {row['extent']['y']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(cfg) -> None:
+    unknown = sorted(set(cfg.parts) - {"classifier", "reconstruct", "layout"})
+    require(not unknown, f"parts={list(cfg.parts)}: {unknown} unknown; use classifier, reconstruct, layout")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {}
+    if "classifier" in cfg.parts:
+        guidance = toy_parts(cfg, cfg.objects[0])[-1]
+        report["classifier"] = classifier_part(cfg, guidance.denoiser.view_classifier(), out)
+        print(markdown({"classifier": report["classifier"]}), flush=True)
+    if "reconstruct" in cfg.parts:
+        report["reconstruct"] = reconstruct_part(cfg, out)
+        print(markdown({"reconstruct": report["reconstruct"]}), flush=True)
+    if "layout" in cfg.parts:
+        report["layout"] = layout_part(cfg, out)
+    (out / "diagnosis.json").write_text(json.dumps(report, indent=2))
+    (out / "diagnosis.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote diagnosis.md, diagnosis.json and pictures to {out}")
+
+
+if __name__ == "__main__":
+    run_script("diagnose_janus", main)
