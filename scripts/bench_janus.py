@@ -150,15 +150,20 @@ def montage(rows: list[dict], methods: list[str], path: Path) -> None:
     save_png(make_grid(torch.cat(tiles), nrow=ncol, upscale=max(1, 32 // tiles[0].shape[-1])), path)
 
 
-def main(cfg) -> None:
-    methods = list(cfg.methods)
-    unknown = [m for m in methods if m not in cfg.method_overrides]
-    require(not unknown, f"methods={methods}: {unknown} not in method_overrides ({', '.join(cfg.method_overrides)})")
+def prepare(cfg) -> tuple[Path, list[str], list[int]]:
+    """(out_dir made, objects, seeds) of a benchmark's config, its launcher checked (bench_refine.py shares it)."""
     require(cfg.launcher in ("basic", "submitit_local", "submitit_slurm"),
             f"launcher={cfg.launcher!r}: use basic, submitit_local or submitit_slurm")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    objects, seeds = list(cfg.objects), [int(s) for s in cfg.seeds]
+    return out, list(cfg.objects), [int(s) for s in cfg.seeds]
+
+
+def main(cfg) -> None:
+    methods = list(cfg.methods)
+    unknown = [m for m in methods if m not in cfg.method_overrides]
+    require(not unknown, f"methods={methods}: {unknown} not in method_overrides ({', '.join(cfg.method_overrides)})")
+    out, objects, seeds = prepare(cfg)
     for m in methods:
         for obj in objects:
             overrides = list(cfg.overrides) + list(cfg.method_overrides[m])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from bench_janus import ORIENTED_MIN, wilson
+from bench_janus import ORIENTED_MIN, prepare, wilson
 from perpneg3d.config import instantiate, run_script
 from perpneg3d.errors import ConfigError, require
 from perpneg3d.evaluation.classifiers import DEFAULT_CLIP
@@ -117,11 +117,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(cfg) -> None:
-    require(cfg.launcher in ("basic", "submitit_local", "submitit_slurm"),
-            f"launcher={cfg.launcher!r}: use basic, submitit_local or submitit_slurm")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    objects, seeds = list(cfg.objects), [int(s) for s in cfg.seeds]
+    out, objects, seeds = prepare(cfg)
     for obj in objects:
         missing = [s for s in seeds if not (out / obj / str(s) / "refine" / "metrics.json").is_file()]
         if missing:

@@ -82,7 +82,7 @@ def reconstruct_part(cfg, out: Path) -> dict:
         cam = dict(classifier.camera)
         janus = janus_metrics(geometry, renderer, classifier, f"a toy {obj}", **cam)
         level = float(run.export.threshold) if run.export.threshold != "auto" else 5.0
-        result[obj] = dict(photometric_mse=float(loss), seconds=round(time.perf_counter() - t0, 1),
+        result[obj] = dict(photometric_mse=float(loss.detach()), seconds=round(time.perf_counter() - t0, 1),
                            view_acc=janus["view_acc"], view_acc_aligned=janus["view_acc_aligned"],
                            janus_free=janus["janus_free"], front_share=janus["front_share"],
                            side_views_labelled_side=side_share(janus), extent=density_extent(geometry, level))

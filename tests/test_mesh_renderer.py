@@ -93,3 +93,16 @@ def test_the_rasterizer_backend_is_chosen_by_the_mesh_device():
         renderer("opengl")
     own = TorchRasterizer(tile=4)
     assert renderer(own)._rasterizer_for(torch.device("cpu")) is own
+
+
+def test_an_empty_surface_renders_the_background_alone():
+    from perpneg3d.geometry import DMTetGeometry
+    from perpneg3d.geometry.implicit_volume import ImplicitVolume
+
+    geometry = DMTetGeometry(ImplicitVolume(radius=1.0, n_levels=2, log2_hashmap_size=8), radius=1.0, grid_resolution=4)
+    with torch.no_grad():
+        geometry.sdf.fill_(1.0)  # everything outside: no surface
+    renderer = MeshRenderer(SolidBackground((0.2, 0.4, 0.6)), DiffuseMaterial())
+    out = renderer(geometry, orbit_cameras(torch.tensor([0.0, 90.0]), 15.0, 2.0, 40.0, 8), with_normals=True)
+    assert torch.equal(out.rgb, torch.tensor([0.2, 0.4, 0.6]).expand(2, 8, 8, 3))
+    assert out.opacity.abs().sum() == 0 and out.normal.shape == (2, 8, 8, 3) and out.mesh[1].shape == (0, 3)

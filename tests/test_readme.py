@@ -132,6 +132,10 @@ def offline(command: str, places: dict) -> str:
         stage = "[" + ",".join(f"'{o}'" for o in REFINE_TINY) + "]"
         command += (f" objects=[dog] seeds=[0] {shlex.quote('overrides=' + tiny)} "
                     f"{shlex.quote('refine_overrides=' + stage)} out_dir={out}/bench_refine")
+    elif words[:2] == ["python", "scripts/diagnose_janus.py"]:
+        tiny = "[" + ",".join(f"'{o}'" for o in ["experiment=toy", *TINY]) + "]"
+        command += (f" objects=[cat] classifier_views=6 reconstruct_steps=3 layout_runs=[cat:0] layout_steps=2 "
+                    f"layout_every=1 {shlex.quote('overrides=' + tiny)} out_dir={out}/diagnose")
     elif words[:2] == ["python", "scripts/bench_janus.py"]:
         tiny = "[" + ",".join(f"'{o}'" for o in ["experiment=toy", *TINY, "~export"]) + "]"
         command += f" objects=[dog] seeds=[0] launcher=basic {shlex.quote('overrides=' + tiny)} out_dir={out}/bench"

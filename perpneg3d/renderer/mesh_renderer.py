@@ -103,6 +103,8 @@ class MeshRenderer(nn.Module):
                 rng: RandomStreams | None = None) -> RenderOutput:
         b, h, w = cameras.batch_size, cameras.height, cameras.width
         vertices, faces = geometry.mesh()
+        if faces.shape[0] == 0:  # no surface (every signed distance on one side): the background alone
+            return self._empty(cameras, vertices, faces, with_normals, rng)
         homogeneous = torch.cat([vertices, torch.ones_like(vertices[:, :1])], -1)
         clip = torch.einsum("bij,vj->bvi", projection(cameras, self.near, self.far), homogeneous)
         rasterizer = self._rasterizer_for(vertices.device)
@@ -128,6 +130,16 @@ class MeshRenderer(nn.Module):
         background = self.background(dirs.reshape(-1, 3), rng).view(b, h, w, 3)
         out["rgb"] = out["rgb"] + (1 - out["opacity"]) * background
         return RenderOutput(num_samples=int(faces.shape[0]), mesh=(vertices, faces), **out)
+
+    def _empty(self, cameras: CameraBatch, vertices: Tensor, faces: Tensor, with_normals: bool,
+               rng: RandomStreams | None) -> RenderOutput:
+        b, h, w = cameras.batch_size, cameras.height, cameras.width
+        zeros = vertices.new_zeros(b, h, w, 1)
+        _, dirs = cameras.rays()
+        background = self.background(dirs.reshape(-1, 3), rng).view(b, h, w, 3)
+        return RenderOutput(rgb=background, opacity=zeros, depth=zeros, z_variance=zeros,
+                            normal=vertices.new_zeros(b, h, w, 3) if with_normals else None, num_samples=0,
+                            mesh=(vertices, faces))
 
 
 def disk_fraction(radius: float, distance: float, fovy_deg: float) -> float:
