@@ -3,6 +3,8 @@
     python scripts/diagnose_janus.py                                  # all three parts
     python scripts/diagnose_janus.py parts=[classifier] objects=[cat]
 
+prior:       per object of the toy prior's data set: pixel colour, image cover, and the colour of the CFG
+             direction at high noise (what "a toy <object>" adds to the unconditional model).
 classifier:  the toy view classifier's accuracy per object and view on ground-truth renders at random
              azimuths, elevations 0-30 and distances 1.8-2.1 (not its reference grid).
 reconstruct: the toy preset's field, renderer and cameras fitted to ground-truth renders of each object from all
@@ -58,6 +60,35 @@ def classifier_part(cfg, classifier, out: Path) -> dict:
         confusion = {VIEWS[v]: {VIEWS[p]: int(((pred.view_idx == p) & ok & (truth == v)).sum()) for p in range(3)}
                      for v in range(3)}
         result[obj] = dict(object_recognised=float(ok.float().mean()), view_accuracy=per_view, confusion=confusion)
+    return result
+
+
+@torch.no_grad()
+def prior_part(cfg, out: Path) -> dict:
+    """Per object of the toy prior's data set: its images, the mean colour of its pixels (those not white), the
+    share of the image it covers, and the mean colour of the CFG direction x0(object, side view) - x0(unconditional)
+    for a noisy render of a grey disk at t = 900, with the posterior mass the object gets there."""
+    guidance = toy_parts(cfg, cfg.objects[0])[-1]
+    prior, data = guidance.denoiser, guidance.denoiser.dataset
+    images, r = data.images, data.resolution
+
+    def colour_and_cover(x):
+        ink = (1 - x).sum(1, keepdim=True) > 0.15
+        return ((x * ink).sum((0, 2, 3)) / ink.sum((0, 2, 3))).tolist(), float(ink.float().mean())
+
+    yy, xx = torch.meshgrid(torch.arange(r), torch.arange(r), indexing="ij")
+    disk = torch.where(((yy - r / 2) ** 2 + (xx - r / 2) ** 2) < (r / 5) ** 2, 0.5, 1.0).expand(1, 3, r, r)
+    t = torch.tensor([900, 900])
+    abar = prior.alphas_cumprod[t[:1]].cpu()
+    noisy = abar.sqrt() * (disk * 2 - 1) + (1 - abar).sqrt() * torch.randn(disk.shape, generator=torch.Generator().manual_seed(0))
+    result = {"all": dict(zip(("colour", "cover"), colour_and_cover(images)), images=len(images))}
+    for i, obj in enumerate(data.objects):
+        colour, cover = colour_and_cover(images[data.object_idx == i])
+        w, x0 = prior.posterior(noisy.repeat(2, 1, 1, 1).to(prior.device), t, prior.embed([f"a toy {obj}, side view", ""]))
+        direction = (x0[0] - x0[1]).view(3, r, r).cpu()
+        mass = float(w[0].cpu()[data.object_idx == i].sum())
+        result[obj] = dict(images=int((data.object_idx == i).sum()), colour=colour, cover=cover,
+                           cfg_direction_colour=direction.mean((1, 2)).tolist(), posterior_mass=mass)
     return result
 
 
@@ -140,6 +171,16 @@ def markdown(report: dict) -> str:
                          f"{r['view_accuracy']['side']:.2f} | {r['view_accuracy']['back']:.2f} | "
                          f"{c['front']}/{c['side']}/{c['back']} |")
         lines.append("")
+    if "prior" in report:
+        lines += ["## The toy prior's objects against its unconditional model", "",
+                  "| object | images | pixel colour | cover | CFG direction colour at t=900 | posterior mass |",
+                  "|---|---|---|---|---|---|"]
+        for obj, r in report["prior"].items():
+            direction = "(" + ", ".join(f"{x:+.3f}" for x in r["cfg_direction_colour"]) + ")" if obj != "all" else "-"
+            mass = f"{r['posterior_mass']:.3f}" if obj != "all" else "-"
+            lines.append(f"| {obj} | {r['images']} | ({', '.join(f'{x:.3f}' for x in r['colour'])}) | {r['cover']:.3f} | "
+                         f"{direction} | {mass} |")
+        lines.append("")
     if "reconstruct" in report:
         lines += ["## Photometric reconstruction (no guidance)", "",
                   "| object | mse | view_acc | aligned | Janus-free | side views labelled side | extent x / y / z |",
@@ -160,8 +201,8 @@ def markdown(report: dict) -> str:
 
 
 def main(cfg) -> None:
-    unknown = sorted(set(cfg.parts) - {"classifier", "reconstruct", "layout"})
-    require(not unknown, f"parts={list(cfg.parts)}: {unknown} unknown; use classifier, reconstruct, layout")
+    unknown = sorted(set(cfg.parts) - {"classifier", "prior", "reconstruct", "layout"})
+    require(not unknown, f"parts={list(cfg.parts)}: {unknown} unknown; use classifier, prior, reconstruct, layout")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {}
@@ -169,6 +210,9 @@ def main(cfg) -> None:
         guidance = toy_parts(cfg, cfg.objects[0])[-1]
         report["classifier"] = classifier_part(cfg, guidance.denoiser.view_classifier(), out)
         print(markdown({"classifier": report["classifier"]}), flush=True)
+    if "prior" in cfg.parts:
+        report["prior"] = prior_part(cfg, out)
+        print(markdown({"prior": report["prior"]}), flush=True)
     if "reconstruct" in cfg.parts:
         report["reconstruct"] = reconstruct_part(cfg, out)
         print(markdown({"reconstruct": report["reconstruct"]}), flush=True)

@@ -49,7 +49,7 @@ def test_a_refine_run_writes_every_artefact_from_the_source_config(coarse, tmp_p
     from omegaconf import OmegaConf
 
     saved, source = OmegaConf.load(run / "config.yaml"), OmegaConf.load(coarse / "config.yaml")
-    assert saved.refine == str(coarse) and saved.resume is None
+    assert saved.refine == str(coarse.resolve()) and saved.resume is None
     assert saved.geometry._target_ == "perpneg3d.geometry.DMTetGeometry"
     assert saved.geometry.color_field == source.geometry and saved.geometry.radius == source.geometry.radius
     assert saved.renderer.background == source.renderer.background != cfg.renderer.background

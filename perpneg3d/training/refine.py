@@ -60,7 +60,7 @@ def refine_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     composed = leaves(staged_cfg)
     stage_changes = {k: composed[k] for k in leaves(own) if k.split(".")[0] not in OWN_GROUPS}
     out = apply_changes(out, stage_changes, f"stage={stage}")
-    out.refine, out.resume, out.then_refine, out.refine_overrides = str(source_dir), None, False, []
+    out.refine, out.resume, out.then_refine, out.refine_overrides = str(source_dir.resolve()), None, False, []
     out.name = f"{source.get('name') or source_dir.parent.name}_refine"
     user = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("refine", "stage")]
     if user:
