@@ -4,6 +4,7 @@
     python scripts/benchmark_step.py --prior sd21-random     # full-size SD 2.1-base UNet + VAE, random weights
     python scripts/benchmark_step.py --prior sd21-random --resolution 64 --batch 1 --steps 20
     python scripts/benchmark_step.py --prior if-random       # full-size DeepFloyd IF-I-XL UNet, random weights
+    python scripts/benchmark_step.py --stage refine_toy      # the toy preset's refine stage (DMTet, rasterized)
 
 Each configuration runs with Perp-Neg (2 negatives: 4 prompts per UNet call) and with plain
 view prompts (2 prompts). Reports ms per phase, it/s and peak memory (CUDA: allocator peak; CPU:
@@ -19,7 +20,7 @@ import torch
 from perpneg3d.errors import reported_errors
 from perpneg3d.guidance.deepfloyd_if import RandomDeepFloydIF
 from perpneg3d.guidance.random_sd import RandomStableDiffusion
-from perpneg3d.training.step_benchmark import PHASES, build_setup, measure
+from perpneg3d.training.step_benchmark import PHASES, build_setup, measure, refine_config
 
 
 def random_prior(args):
@@ -36,7 +37,12 @@ def run(args, perp_neg: bool, denoiser) -> dict:
     if args.prior == "toy":
         overrides.append("experiment=toy")
     overrides += [f"cameras.batch_size={args.batch}", f"cameras.heights=[{args.resolution}]", f"cameras.widths=[{args.resolution}]"]
-    result = measure(build_setup(overrides + args.overrides, denoiser), args.steps, args.warmup)
+    overrides += args.overrides
+    if args.stage:  # the refine stage: a DMTet sphere (refine_config) with the stage's settings
+        cfg = refine_config(overrides + [f"stage={args.stage}"])
+        result = measure(build_setup([], denoiser, cfg=cfg), args.steps, args.warmup)
+    else:
+        result = measure(build_setup(overrides, denoiser), args.steps, args.warmup)
     result["peak_mb"] = result.get("peak_allocated_mb", result.get("peak_rss_mb"))
     return dict(result, perp_neg=perp_neg)
 
@@ -53,6 +59,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="random priors: auto (fp16 on CUDA, fp32 on CPU), float32, "
                                                         "float16, bfloat16")
+    parser.add_argument("--stage", default=None, help="a refine stage (refine, refine_toy, refine_if): time its step "
+                                                      "on a DMTet sphere instead of the first stage's")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides, e.g. geometry.implementation=torch")
     args = parser.parse_args(argv)
     args.resolution = args.resolution or (32 if args.prior == "toy" else 64)

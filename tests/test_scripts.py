@@ -85,6 +85,15 @@ def test_benchmark_step_prints_phases():
     assert "Perp-Neg / plain step time" in proc.stdout
 
 
+def test_benchmark_step_times_the_refine_stage():
+    """--stage: the same table for the refine stage's step (a DMTet sphere, rasterized), the toy preset's own
+    first-stage keys kept out of the stage's geometry and trainer."""
+    proc = run("scripts/benchmark_step.py", "--stage", "refine_toy", "--steps", "1", "--warmup", "1", "--resolution", "16",
+               "guidance.denoiser.dataset.num_images=300", "geometry.grid_resolution=16")
+    assert "geometry DMTetGeometry (torch)" in proc.stdout and "renderer rasterizer auto" in proc.stdout
+    assert "| Perp-Neg (K=2) |" in proc.stdout
+
+
 def test_sample_2d_with_guidance_if(tiny_if_path, tmp_path):
     """The 2D sampler takes guidance=if like any prior: 32x32 pixel-space samples from the tiny IF."""
     run("scripts/sample_2d.py", "guidance=if", f"guidance.denoiser.pretrained_model_name_or_path={tiny_if_path}",
