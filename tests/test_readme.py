@@ -134,7 +134,7 @@ def offline(command: str, places: dict) -> str:
                     f"{shlex.quote('refine_overrides=' + stage)} out_dir={out}/bench_refine")
     elif words[:2] == ["python", "scripts/diagnose_janus.py"]:
         tiny = "[" + ",".join(f"'{o}'" for o in ["experiment=toy", *TINY]) + "]"
-        command += (f" objects=[cat] classifier_views=6 reconstruct_steps=3 layout_runs=[cat:0] layout_steps=2 "
+        command += (" objects=[cat] classifier_views=6 reconstruct_steps=3 'layout_runs=[\"cat:0\"]' layout_steps=2 "
                     f"layout_every=1 {shlex.quote('overrides=' + tiny)} out_dir={out}/diagnose")
     elif words[:2] == ["python", "scripts/bench_janus.py"]:
         tiny = "[" + ",".join(f"'{o}'" for o in ["experiment=toy", *TINY, "~export"]) + "]"
