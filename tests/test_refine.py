@@ -170,3 +170,16 @@ def test_then_refine_runs_both_stages_and_a_requeued_job_continues_the_second(tm
     assert latest_valid_checkpoint(job)[1]["step"] == 10
     assert latest_valid_checkpoint(done)[1]["step"] == 4
     assert json.loads((done / "metrics.json").read_text())["steps"] == 4
+
+
+def test_a_refine_of_a_refine_run_is_refused_in_one_line(coarse, tmp_path):
+    run = refine(coarse, tmp_path, ["trainer.max_steps=1", "trainer.val_every=1", "~export"])
+    with pytest.raises(ConfigError, match=r"is itself a refine run .*: refine that run, or resume this one"):
+        check_overrides("train", [f"refine={run}"])
+
+
+def test_a_source_trained_without_export_still_gets_a_refined_mesh(tmp_path):
+    source = train(compose_train(TINY_TOY + ["trainer.max_steps=3", "~export", "threads=1"], tmp_path / "src"))
+    run = refine(source, tmp_path, ["trainer.max_steps=1", "trainer.val_every=1"])
+    mesh = next(iter(trimesh.load(run / "mesh.glb").geometry.values()))
+    assert mesh.visual.kind == "texture"

@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from perpneg3d.config import CONFIG_DIR, compose_config, instantiate
-from perpneg3d.renderer.orbit import render_views
 from perpneg3d.errors import ConfigError
+from perpneg3d.renderer.orbit import render_views
 from perpneg3d.training.checkpoint import latest_valid_checkpoint, run_dir_of
 from perpneg3d.training.resume_config import apply_changes, leaves, load_saved_config, requested_changes
 
@@ -32,6 +32,10 @@ def source_folder(refine: str) -> Path:
         raise ConfigError(f"refine={refine}: no config.yaml in {source}: pass a run folder written by train.py")
     if Path(refine).expanduser().is_dir() and latest_valid_checkpoint(source) is None:
         raise ConfigError(f"refine={refine}: no readable checkpoint in {source / 'ckpts'}: refine a run that has trained")
+    earlier = load_saved_config(source).get("refine")
+    if earlier:
+        raise ConfigError(f"refine={refine} is itself a refine run (of {earlier}): refine that run, or resume this one "
+                          f"with resume={refine} trainer.max_steps=<more>")
     return source
 
 
@@ -55,6 +59,8 @@ def refine_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     out.renderer = dict(staged["renderer"], material=source["renderer"]["material"],
                         background=source["renderer"]["background"])
     out.trainer = staged["trainer"]
+    if "_target_" not in (source.get("export") or {}):  # a source trained with ~export: the refine run exports
+        out.export = staged["export"]
     own = OmegaConf.load(CONFIG_DIR / "stage" / f"{stage}.yaml")  # the keys the stage file itself sets
     own.pop("defaults", None)
     composed = leaves(staged_cfg)
@@ -76,8 +82,11 @@ def initialise(geometry, renderer, cfg: DictConfig) -> float:
     export meshes it) or "silhouette" (silhouette_level())."""
     from perpneg3d.training.run_loading import load_run
 
+    from perpneg3d.export.mesh import MeshExporter
+
     source_cfg, volume, source_renderer, _, step, source_dir = load_run(cfg.refine)
-    export_level = instantiate(source_cfg.export).level(volume)[1]
+    exporter = instantiate(source_cfg.export) if "_target_" in (source_cfg.get("export") or {}) else MeshExporter()
+    export_level = exporter.level(volume)[1]
     density = geometry.grid_density(volume)
     level = geometry.init_level
     if level == "export":
