@@ -133,3 +133,24 @@ def test_classifier_accuracy_on_held_out_renders():
     disc = ((xx / 0.5) ** 2 + (yy / 0.4) ** 2 < 1).float()
     blob = 1 - disc * (1 - torch.tensor([0.3, 0.6, 0.3]).view(3, 1, 1))
     assert clf(blob.unsqueeze(0)).object_idx.item() == -1  # a blob is no object
+
+
+def test_a_variant_world_keeps_the_object_names_of_captions_and_prompts(tmp_path):
+    """objects=[dog, "cat:ginger", car]: the same shapes, the cat in ginger (docs/janus.md); captions, prompts and
+    the classifier still call it a cat, and its pixels are no longer grey."""
+    from perpneg3d.errors import ConfigError
+    from perpneg3d.toy.classifier import ToyViewClassifier
+    from perpneg3d.toy.dataset import ToyDataset
+    from perpneg3d.toy.objects import check_objects
+
+    data = ToyDataset(objects=["dog", "cat:ginger", "car"], num_images=30, resolution=16, cache_dir=str(tmp_path))
+    cats = [c for c, o in zip(data.captions, data.object_idx.tolist()) if o == 1]
+    assert cats and all(c.startswith("a toy cat") for c in cats)
+    cat_images = data.images[data.object_idx == 1]
+    ink = (1 - cat_images).sum(1) > 0.15
+    red, blue = cat_images[:, 0][ink].mean(), cat_images[:, 2][ink].mean()
+    assert red > blue + 0.2  # ginger, not the default world's grey (0.43 vs 0.46)
+    classifier = ToyViewClassifier(data.objects, resolution=16, azimuth_step_deg=30.0, cache_dir=str(tmp_path))
+    assert classifier.object_index("a toy kitten") == 1
+    with pytest.raises(ConfigError, match="one variant per object"):
+        check_objects(["cat", "cat:ginger"])

@@ -15,7 +15,7 @@ from perpneg3d.contracts import ViewPrediction  # noqa: F401  (re-exported: what
 from perpneg3d.errors import ConfigError
 from perpneg3d.prompts.views import view_labels
 from perpneg3d.toy.dataset import default_cache_dir, load_cached, save_cached
-from perpneg3d.toy.objects import check_objects, render_objects
+from perpneg3d.toy.objects import base_name, check_objects, render_objects
 from perpneg3d.toy.text import object_of
 
 
@@ -66,9 +66,10 @@ class ToyViewClassifier:
     def object_index(self, prompt: str) -> int:
         """Index of the object the prompt names (synonyms included)."""
         name = object_of(prompt)
-        if name not in self.objects:
-            raise ConfigError(f"prompt {prompt!r} names none of the toy objects {', '.join(self.objects)}")
-        return self.objects.index(name)
+        bases = [base_name(o) for o in self.objects]
+        if name not in bases:
+            raise ConfigError(f"prompt {prompt!r} names none of the toy objects {', '.join(bases)}")
+        return bases.index(name)
 
     def __call__(self, rgb: Tensor) -> ViewPrediction:
         """rgb [B,3,H,W] in [0,1] (any size; resized) -> ViewPrediction."""

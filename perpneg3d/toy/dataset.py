@@ -15,7 +15,7 @@ from torch import Tensor
 from perpneg3d.cameras import CameraBatch, look_at, spherical_position
 from perpneg3d.cameras.camera_batch import wrap_azimuth
 from perpneg3d.errors import ConfigError
-from perpneg3d.toy.objects import check_objects, render_objects
+from perpneg3d.toy.objects import base_name, check_objects, render_objects
 from perpneg3d.validation import ElevationRange, Fov, PositiveInt, PositiveRange, Probability, validated
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class ToyDataset:
         caption_view = torch.where(wrong, (view_idx + shift) % 3, view_idx)
         caption_view = torch.where(named, caption_view, torch.full_like(caption_view, -1))
         captions = [
-            f"a toy {self.objects[o]}" + (f", {HORIZONTAL_VIEWS[v]} view" if v >= 0 else "")
+            f"a toy {base_name(self.objects[o])}" + (f", {HORIZONTAL_VIEWS[v]} view" if v >= 0 else "")
             for o, v in zip(object_idx.tolist(), caption_view.tolist())
         ]
         eye = spherical_position(azimuth, elevation, distance)

@@ -78,19 +78,33 @@ CAR = {
 }
 
 OBJECTS = {"dog": DOG, "cat": CAT, "car": CAR}
+
+# Variants, named "<object>:<variant>": the same shapes in other colours (docs/janus.md). A ginger cat is no longer
+# the average colour of the default world (the cat's grey is close to the mean of dog, cat and car).
+GINGER, GINGER_LIGHT, GINGER_DARK = (0.92, 0.55, 0.18), (0.97, 0.70, 0.35), (0.62, 0.30, 0.08)
+_GINGER = {GREY: GINGER, GREY_LIGHT: GINGER_LIGHT, GREY_DARK: GINGER_DARK}
+VARIANTS = {"cat:ginger": {kind: [(c, s, r, _GINGER.get(col, col)) for c, s, r, col in specs] for kind, specs in CAT.items()}}
+
+
+def base_name(name: str) -> str:
+    """The object a (variant) name is: "cat:ginger" -> "cat" (what captions and prompts call it)."""
+    return name.split(":", 1)[0]
 LIGHT_DIR = F.normalize(torch.tensor([0.35, 0.25, 1.0]), dim=0)  # fixed in the world: shading is view-independent
 
 
 def check_objects(names) -> list[str]:
     names = list(names)
-    unknown = [n for n in names if n not in OBJECTS]
+    unknown = [n for n in names if n not in OBJECTS and n not in VARIANTS]
     if unknown or not names:
-        raise ConfigError(f"unknown toy objects {unknown or names}: choose from {', '.join(OBJECTS)}")
+        raise ConfigError(f"unknown toy objects {unknown or names}: choose from {', '.join([*OBJECTS, *VARIANTS])}")
+    bases = [base_name(n) for n in names]
+    if len(set(bases)) < len(bases):
+        raise ConfigError(f"toy objects {names}: one variant per object (captions name the object, not the variant)")
     return names
 
 
 def primitives(name: str) -> tuple[Primitives, Primitives]:
-    spec = OBJECTS[name]
+    spec = VARIANTS[name] if name in VARIANTS else OBJECTS[name]
     return Primitives.from_specs(spec["ellipsoids"]), Primitives.from_specs(spec["boxes"])
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from perpneg3d.devices import resolve_device
 from perpneg3d.errors import ConfigError
 from perpneg3d.toy.dataset import ToyDataset
+from perpneg3d.toy.objects import base_name
 from perpneg3d.toy.text import SYNONYMS, ToyTextEncoder, object_of
 from perpneg3d.validation import NonNegativeFloat, PositiveFloat, PositiveInt, validated
 
@@ -62,7 +63,7 @@ class ToyPrior:
         self.data_centered = x - self.mean
         self.data_sqnorm = (self.data_centered ** 2).sum(1)
         self.caption_emb = self.text_encoder(dataset.captions).to(self.device)  # [M, E]
-        self.known = [o for o in dataset.objects]
+        self.known = [base_name(o) for o in dataset.objects]
 
     # -- denoiser interface ---------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
