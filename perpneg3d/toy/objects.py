@@ -79,11 +79,16 @@ CAR = {
 
 OBJECTS = {"dog": DOG, "cat": CAT, "car": CAR}
 
-# Variants, named "<object>:<variant>": the same shapes in other colours (docs/janus.md). A ginger cat is no longer
-# the average colour of the default world (the cat's grey is close to the mean of dog, cat and car).
+# Variants, named "<object>:<variant>": the same object in other colours or sizes (docs/janus.md). A ginger cat is
+# no longer the average colour of the default world (the cat's grey is close to the mean of dog, cat and car).
 GINGER, GINGER_LIGHT, GINGER_DARK = (0.92, 0.55, 0.18), (0.97, 0.70, 0.35), (0.62, 0.30, 0.08)
 _GINGER = {GREY: GINGER, GREY_LIGHT: GINGER_LIGHT, GREY_DARK: GINGER_DARK}
-VARIANTS = {"cat:ginger": {kind: [(c, s, r, _GINGER.get(col, col)) for c, s, r, col in specs] for kind, specs in CAT.items()}}
+VARIANTS = {
+    "cat:ginger": {kind: [(c, s, r, _GINGER.get(col, col)) for c, s, r, col in specs] for kind, specs in CAT.items()},
+    # 1.25 times larger: it covers more of the image than the dog and the car, instead of the least
+    "cat:large": {kind: [(tuple(1.25 * x for x in c), tuple(1.25 * x for x in s), r, col) for c, s, r, col in specs]
+                  for kind, specs in CAT.items()},
+}
 
 
 def base_name(name: str) -> str:
