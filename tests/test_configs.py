@@ -39,8 +39,13 @@ def test_option_keys_are_constructor_arguments(group, option, tmp_path, tiny_sd_
 
 @pytest.mark.parametrize("group", ["prompts", "geometry", "renderer", "cameras", "trainer", "export"])
 def test_every_option_instantiates(group, tmp_path):
+    from perpneg3d.training.step_benchmark import refine_config
+
     for option in options(group):
-        cfg = compose_train(["experiment=toy", f"{group}={option}"] if group != "renderer" else ["experiment=toy"], tmp_path)
+        if (group, option) in (("geometry", "dmtet"), ("renderer", "mesh")):  # a refine stage's: built from a source run
+            cfg = refine_config(["experiment=toy", "stage=refine_toy", "geometry.grid_resolution=8"])
+        else:
+            cfg = compose_train(["experiment=toy", f"{group}={option}"] if group != "renderer" else ["experiment=toy"], tmp_path)
         assert instantiate(cfg[group]) is not None
 
 
