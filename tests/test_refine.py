@@ -59,7 +59,7 @@ def test_a_refine_run_writes_every_artefact_from_the_source_config(coarse, tmp_p
     assert saved.guidance.max_step_percent == 0.5  # the stage's low-noise range
     assert saved.trainer.lambda_normal_consistency == 10000.0 and saved.geometry.grid_resolution == 16
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 4 and metrics["final"]["loss_normal_consistency"] > 0
+    assert metrics["steps"] == 4 and "loss_normal_consistency" in metrics["final"]  # its value: the trainer test below
     assert set(metrics["janus"]) >= {"front_share", "view_acc_aligned", "janus_free"}
     # the exported mesh is the refined surface itself (no marching cubes), with a UV texture
     state = latest_valid_checkpoint(run)[1]

@@ -52,6 +52,18 @@ def refine_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     source_dir = source_folder(str(cfg.refine))
     source = OmegaConf.to_container(load_saved_config(source_dir), resolve=True)
     stage = stage_of(str(cfg.refine), overrides)
+    out = staged_config(source, stage)
+    out.refine, out.resume, out.then_refine, out.refine_overrides = str(source_dir.resolve()), None, False, []
+    out.name = f"{source.get('name') or source_dir.parent.name}_refine"
+    out = with_overrides(out, stage, overrides, f"refine={cfg.refine}")
+    log.info("refine of %s with stage=%s", source_dir, stage)
+    return out
+
+
+def staged_config(source: dict, stage: str) -> DictConfig:
+    """A first-stage config (resolved) turned into its refine stage's: the stage's geometry (the source's as its
+    colour field), renderer (the source's material and background) and trainer whole, and the other keys the
+    stage file sets (configs/stage/<stage>.yaml) on top of the source's."""
     staged_cfg = compose_config("train", [f"stage={stage}"])
     staged = OmegaConf.to_container(staged_cfg, resolve=True)
     out = OmegaConf.create(source)
@@ -65,15 +77,16 @@ def refine_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     own.pop("defaults", None)
     composed = leaves(staged_cfg)
     stage_changes = {k: composed[k] for k in leaves(own) if k.split(".")[0] not in OWN_GROUPS}
-    out = apply_changes(out, stage_changes, f"stage={stage}")
-    out.refine, out.resume, out.then_refine, out.refine_overrides = str(source_dir.resolve()), None, False, []
-    out.name = f"{source.get('name') or source_dir.parent.name}_refine"
+    return apply_changes(out, stage_changes, f"stage={stage}")
+
+
+def with_overrides(cfg: DictConfig, stage: str, overrides: list[str], where: str) -> DictConfig:
+    """`cfg` with what the command line's overrides (other than refine= and stage=) ask for, read against the
+    stage's composed config (so that the stage's keys, geometry.grid_resolution, ... can be set)."""
     user = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("refine", "stage")]
-    if user:
-        out = apply_changes(out, requested_changes(user, lambda o: compose_config("train", [f"stage={stage}"] + o)),
-                            f"refine={cfg.refine}")
-    log.info("refine of %s with stage=%s", source_dir, stage)
-    return out
+    if not user:
+        return cfg
+    return apply_changes(cfg, requested_changes(user, lambda o: compose_config("train", [f"stage={stage}"] + o)), where)
 
 
 def initialise(geometry, renderer, cfg: DictConfig) -> float:

@@ -41,19 +41,18 @@ def compose_train(overrides: list[str]):
 
 
 def refine_config(overrides: list[str]):
-    """A refine stage's config without a source run: `overrides` must name a stage (stage=refine, ...); the
-    colour field is the same overrides' coarse geometry, the DMTet a sphere of geometry.init_radius. Its step
-    costs what a refine of a real run costs (the mesh's size aside)."""
+    """A refine stage's config without a source run: `overrides` must name a stage (stage=refine, ...). The
+    first-stage config the other overrides compose stands for the source run (training/refine.py assembles it
+    as a refine run's); the DMTet is a sphere of geometry.init_radius. Its step costs what a refine of a real run
+    costs (the mesh's size aside). geometry.* and trainer.* overrides apply to the stage's."""
+    from omegaconf import OmegaConf
+
+    from perpneg3d.training.refine import staged_config, with_overrides
+
     own = ("stage=", "geometry.", "trainer.")
-    coarse = compose_train([o for o in overrides if not o.startswith(own)])
-    cfg = compose_train([o for o in overrides if not o.startswith(own)] + [o for o in overrides if o.startswith("stage=")])
-    # the stage's geometry, renderer and trainer whole (as a refine run's, training/refine.py): a preset's
-    # first-stage keys (experiment=toy's hash grid, samples per ray, learning rates) would be merged into them
-    staged = compose_train([o for o in overrides if o.startswith(own)])
-    cfg.geometry, cfg.trainer, cfg.renderer = staged.geometry, staged.trainer, staged.renderer
-    cfg.geometry.color_field, cfg.geometry.radius = coarse.geometry, coarse.geometry.radius
-    cfg.renderer.material, cfg.renderer.background = coarse.renderer.material, coarse.renderer.background
-    return cfg
+    stage = [o.split("=", 1)[1] for o in overrides if o.startswith("stage=")][-1]
+    source = OmegaConf.to_container(compose_train([o for o in overrides if not o.startswith(own)]), resolve=True)
+    return with_overrides(staged_config(source, stage), stage, [o for o in overrides if o.startswith(own)], "benchmark")
 
 
 def build_setup(overrides: list[str], denoiser=None, cfg=None) -> StepSetup:
