@@ -121,13 +121,13 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, into: Path | None
     """Run (or resume) one training job; returns its run folder (with then_refine, the refine stage's).
     overrides: the command line's (default: Hydra's, under train.py); None outside Hydra, when a resume
     compares all of `cfg`. into: train in this folder (resuming what it holds) instead of a new one."""
-    validate_prompt(cfg.prompt)
-    require(isinstance(cfg.seed, int), f"seed={cfg.seed!r} must be an integer")
     overrides = overrides if overrides is not None else command_line_overrides()
-    if cfg.get("refine") and not cfg.resume:  # a new second-stage run: the source run's config plus the stage's
+    if cfg.get("refine") and not cfg.get("resume"):  # a new second-stage run: the source run's config plus the stage's
         from perpneg3d.training.refine import refine_config
 
         cfg = refine_config(cfg, overrides or [])
+    validate_prompt(cfg.prompt)
+    require(isinstance(cfg.seed, int), f"seed={cfg.seed!r} must be an integer")
     with RunLock() as lock:
         cfg, run_dir, state = prepare_run_dir(cfg, overrides, lock, into)
         finished = state is not None and state["step"] >= cfg.trainer.max_steps and (run_dir / "metrics.json").is_file()
@@ -143,10 +143,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, into: Path | None
 def refine_after(run_dir: Path, overrides: list[str]) -> Path:
     """then_refine: the refine stage of a finished run in <run>/refine (resumed if it holds checkpoints, so a
     requeued sweep job finishes both stages): the stage's config with `overrides` (refine_overrides)."""
-    from perpneg3d.training.refine import refine_config
-
-    cfg = refine_config(OmegaConf.create({"refine": str(run_dir), "resume": None}), overrides)
-    return train(cfg, overrides, into=run_dir / "refine")
+    return train(OmegaConf.create({"refine": str(run_dir), "resume": None}), overrides, into=run_dir / "refine")
 
 
 def _train_in(cfg: DictConfig, run_dir: Path, state: dict | None) -> Path:
