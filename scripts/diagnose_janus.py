@@ -159,44 +159,41 @@ def layout_part(cfg, out: Path) -> dict:
     return result
 
 
+def section(title: str, columns: list[str], rows: list[list]) -> list[str]:
+    """A markdown section: its title, a table of `columns` and `rows` (cells already formatted), a blank line."""
+    return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|",
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
+
+
+def triple(values, fmt: str = ".3f") -> str:
+    return "(" + ", ".join(f"{x:{fmt}}" for x in values) + ")"
+
+
 def markdown(report: dict) -> str:
     lines = ["# Janus diagnosis (scripts/diagnose_janus.py)", ""]
     if "classifier" in report:
-        lines += ["## Toy view classifier on ground-truth renders", "",
-                  "| object | recognised | front acc | side acc | back acc | side classified as (front/side/back) |",
-                  "|---|---|---|---|---|---|"]
-        for obj, r in report["classifier"].items():
-            c = r["confusion"]["side"]
-            lines.append(f"| {obj} | {r['object_recognised']:.2f} | {r['view_accuracy']['front']:.2f} | "
-                         f"{r['view_accuracy']['side']:.2f} | {r['view_accuracy']['back']:.2f} | "
-                         f"{c['front']}/{c['side']}/{c['back']} |")
-        lines.append("")
+        lines += section("Toy view classifier on ground-truth renders",
+                         ["object", "recognised", "front acc", "side acc", "back acc", "side classified as (front/side/back)"],
+                         [[obj, f"{r['object_recognised']:.2f}", *(f"{r['view_accuracy'][v]:.2f}" for v in ("front", "side", "back")),
+                           "/".join(str(r["confusion"]["side"][v]) for v in ("front", "side", "back"))]
+                          for obj, r in report["classifier"].items()])
     if "prior" in report:
-        lines += ["## The toy prior's objects against its unconditional model", "",
-                  "| object | images | pixel colour | cover | CFG direction colour at t=900 | posterior mass |",
-                  "|---|---|---|---|---|---|"]
-        for obj, r in report["prior"].items():
-            direction = "(" + ", ".join(f"{x:+.3f}" for x in r["cfg_direction_colour"]) + ")" if obj != "all" else "-"
-            mass = f"{r['posterior_mass']:.3f}" if obj != "all" else "-"
-            lines.append(f"| {obj} | {r['images']} | ({', '.join(f'{x:.3f}' for x in r['colour'])}) | {r['cover']:.3f} | "
-                         f"{direction} | {mass} |")
-        lines.append("")
+        lines += section("The toy prior's objects against its unconditional model",
+                         ["object", "images", "pixel colour", "cover", "CFG direction colour at t=900", "posterior mass"],
+                         [[obj, r["images"], triple(r["colour"]), f"{r['cover']:.3f}",
+                           triple(r["cfg_direction_colour"], "+.3f") if obj != "all" else "-",
+                           f"{r['posterior_mass']:.3f}" if obj != "all" else "-"] for obj, r in report["prior"].items()])
     if "reconstruct" in report:
-        lines += ["## Photometric reconstruction (no guidance)", "",
-                  "| object | mse | view_acc | aligned | Janus-free | side views labelled side | extent x / y / z |",
-                  "|---|---|---|---|---|---|---|"]
-        for obj, r in report["reconstruct"].items():
-            e = r["extent"]
-            lines.append(f"| {obj} | {r['photometric_mse']:.4f} | {r['view_acc']:.2f} | {r['view_acc_aligned']:.2f} | "
-                         f"{r['janus_free']} | {r['side_views_labelled_side']:.2f} | {e['x']:.2f} / {e['y']:.2f} / {e['z']:.2f} |")
-        lines.append("")
+        lines += section("Photometric reconstruction (no guidance)",
+                         ["object", "mse", "view_acc", "aligned", "Janus-free", "side views labelled side", "extent x / y / z"],
+                         [[obj, f"{r['photometric_mse']:.4f}", f"{r['view_acc']:.2f}", f"{r['view_acc_aligned']:.2f}",
+                           r["janus_free"], f"{r['side_views_labelled_side']:.2f}",
+                           " / ".join(f"{r['extent'][a]:.2f}" for a in "xyz")] for obj, r in report["reconstruct"].items()])
     for spec, trace in report.get("layout", {}).items():
-        lines += [f"## Layout trace {spec} (azimuths {', '.join(str(int(a)) for a in AZIMUTHS.tolist())})", "",
-                  "| step | labels | SDS norm per azimuth | extent x / y |", "|---|---|---|---|"]
-        for row in trace:
-            lines.append(f"| {row['step']} | {' '.join(row['labels'])} | {' '.join(f'{x:.2f}' for x in row['sds_norm'])} | "
-                         f"{row['extent']['x']:.2f} / {row['extent']['y']:.2f} |")
-        lines.append("")
+        lines += section(f"Layout trace {spec} (azimuths {', '.join(str(int(a)) for a in AZIMUTHS.tolist())})",
+                         ["step", "labels", "SDS norm per azimuth", "extent x / y"],
+                         [[row["step"], " ".join(row["labels"]), " ".join(f"{x:.2f}" for x in row["sds_norm"]),
+                           f"{row['extent']['x']:.2f} / {row['extent']['y']:.2f}"] for row in trace])
     return "\n".join(lines)
 
 
