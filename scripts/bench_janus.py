@@ -3,6 +3,7 @@
     python scripts/bench_janus.py                                    # plain vs Perp-Neg, 3 objects x 6 seeds
     python scripts/bench_janus.py 'methods=[plain,perpneg,perpneg_time,perpneg_align,perpneg_dsds,perpneg_all]'
     python scripts/bench_janus.py seeds=[0,1] objects=[dog] launcher=basic 'overrides=[experiment=toy,trainer.max_steps=300]'
+    python scripts/bench_janus.py objects=[horse,rabbit,chair] world=[horse,rabbit,chair] out_dir=outputs/bench_janus_new
 
 Each (method, object) is one `train.py -m seed=...` sweep through the same Hydra launcher as any sweep
 (`launcher=submitit_local`: its jobs run at once and share the cores; `basic`: one after another), into
@@ -159,6 +160,11 @@ def prepare(cfg) -> tuple[Path, list[str], list[int]]:
     return out, list(cfg.objects), [int(s) for s in cfg.seeds]
 
 
+def world_overrides(world) -> list[str]:
+    """The train.py override that makes the toy prior's world these objects (none: the preset's world)."""
+    return [] if not world else ["guidance.denoiser.dataset.objects=[" + ",".join(f'"{o}"' for o in world) + "]"]
+
+
 def main(cfg) -> None:
     methods = list(cfg.methods)
     unknown = [m for m in methods if m not in cfg.method_overrides]
@@ -166,7 +172,7 @@ def main(cfg) -> None:
     out, objects, seeds = prepare(cfg)
     for m in methods:
         for obj in objects:
-            overrides = list(cfg.overrides) + list(cfg.method_overrides[m])
+            overrides = list(cfg.overrides) + world_overrides(cfg.world) + list(cfg.method_overrides[m])
             for s in seeds:
                 check_reusable(run_dir(out, m, obj, s), m, run_overrides(obj, s, overrides))
             missing = [s for s in seeds if not (run_dir(out, m, obj, s) / "metrics.json").is_file()]

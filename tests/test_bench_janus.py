@@ -73,3 +73,12 @@ def test_a_run_made_with_other_method_overrides_is_not_reused(tmp_path):
         bench.check_reusable(folder, "perpneg_x2", bench.run_overrides("dog", 0, ["experiment=toy", "guidance.neg_gain=2"]))
     assert str(err.value) == (f"{folder} was trained with guidance.neg_gain=1, but method perpneg_x2 now sets "
                               "guidance.neg_gain=2: move or delete that folder, or use another out_dir")
+
+
+def test_world_selects_the_toy_priors_objects():
+    """world=[...] trains in another toy world (the held-out objects'); null keeps the preset's."""
+    from perpneg3d.config import compose_config
+
+    assert bench.world_overrides(None) == []
+    cfg = compose_config("train", ["experiment=toy", *bench.world_overrides(["horse", "rabbit", "cat:ginger"])])
+    assert list(cfg.guidance.denoiser.dataset.objects) == ["horse", "rabbit", "cat:ginger"]

@@ -106,15 +106,14 @@ def test_same_seed_same_samples(prior):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def held_out(n, seed):
+def held_out(n, seed, names=("dog", "cat", "car")):
     g = torch.Generator().manual_seed(seed)
     az = torch.rand(n, generator=g) * 360 - 180
     el = torch.rand(n, generator=g) * 30
     dist = 1.8 + 0.3 * torch.rand(n, generator=g)
-    obj = torch.randint(3, (n,), generator=g)
+    obj = torch.randint(len(names), (n,), generator=g)
     eye = spherical_position(az, el, dist)
     cams = CameraBatch(look_at(eye, torch.zeros_like(eye)), torch.full((n,), 40.0), az, el, dist, eye, 32, 32)
-    names = ["dog", "cat", "car"]
     return render_objects([names[i] for i in obj.tolist()], cams, supersample=2), obj, view_labels(az, torch.zeros(n))
 
 
@@ -154,3 +153,29 @@ def test_a_variant_world_keeps_the_object_names_of_captions_and_prompts(tmp_path
     assert classifier.object_index("a toy kitten") == 1
     with pytest.raises(ConfigError, match="one variant per object"):
         check_objects(["cat", "cat:ginger"])
+
+
+def test_the_held_out_objects_have_a_recognisable_front_side_and_back(tmp_path):
+    """The world of the three objects added for issue 21's held-out evaluation: its classifier names object and view
+    of random renders as well as the original world's does."""
+    names = ("horse", "rabbit", "chair")
+    clf = ToyViewClassifier(names, cache_dir=str(tmp_path))
+    images, obj, view = held_out(300, seed=12, names=names)
+    pred = clf(images)
+    assert ((pred.object_idx == obj) & (pred.view_idx == view)).float().mean() >= 0.95
+    assert clf.object_index("a toy bunny") == 1 and clf.object_index("an armchair") == 2
+
+
+def test_held_out_words_leave_the_original_worlds_embeddings_unchanged():
+    """Texts of the original world embed exactly as before the held-out objects existed (the figures were taken
+    from the encoder of the commit before), zero-padded; held-out objects get their own orthogonal directions."""
+    from perpneg3d.toy.text import ToyTextEncoder
+
+    enc = ToyTextEncoder()
+    x = enc(["a toy cat, side view", "a toy dog"]).double()
+    assert x.shape == (2, 67) and torch.equal(x[:, 64:], torch.zeros(2, 3, dtype=torch.float64))
+    assert x[:, :64].sum().item() == pytest.approx(1.9674980611307546, abs=1e-12)
+    assert (x[:, :64] ** 2).sum().item() == pytest.approx(2.053687142877568, abs=1e-12)
+    assert x[0, 8].item() == pytest.approx(-0.002382921986281872, abs=1e-12)
+    horse, rabbit, dog = enc(["horse", "bunny", "dog"])
+    assert horse[64] == 1.0 and rabbit[65] == 1.0 and horse @ dog == 0 and horse @ rabbit == 0

@@ -1,5 +1,8 @@
 """The toy world's objects: a dog, a cat and a car of analytic primitives, front facing +x.
 
+A horse, a rabbit and a chair were added later as held-out objects (issue 21): they were designed and
+committed before any guidance change was tuned, and the benchmark's default world does not contain them.
+
 Each has an unmistakable front (face with eyes and nose; headlights and grille) and back
 (dark rump and tail; red tail lights and spoiler), so a view is recognisable at 32x32 pixels.
 """
@@ -77,7 +80,52 @@ CAR = {
     ],
 }
 
-OBJECTS = {"dog": DOG, "cat": CAT, "car": CAR}
+BAY, BAY_DARK, WHITE, PINK = (0.55, 0.32, 0.16), (0.30, 0.16, 0.08), (0.96, 0.96, 0.96), (0.95, 0.55, 0.62)
+HORSE = {
+    "ellipsoids": [
+        ((0.0, 0.0, 0.02), (0.36, 0.14, 0.15), (0, 0, 0), BAY),  # body
+        ((0.30, 0.0, 0.22), (0.08, 0.09, 0.20), (0, 35, 0), BAY),  # neck, leaning forward
+        ((0.45, 0.0, 0.38), (0.16, 0.07, 0.075), (0, 30, 0), BAY),  # head, nose down
+        ((0.55, 0.0, 0.34), (0.06, 0.035, 0.05), (0, 30, 0), WHITE),  # white blaze
+        ((0.24, 0.0, 0.32), (0.05, 0.035, 0.17), (0, 35, 0), BLACK),  # mane
+        ((-0.28, 0.0, 0.06), (0.11, 0.145, 0.13), (0, 0, 0), BAY_DARK),  # dark rump
+        ((-0.40, 0.0, -0.04), (0.05, 0.05, 0.20), (0, -20, 0), BLACK),  # tail
+    ]
+    + _mirror_y([((0.47, 0.06, 0.43), (0.025, 0.02, 0.025), (0, 0, 0), BLACK)])  # eyes
+    + _mirror_y([((0.38, 0.04, 0.50), (0.02, 0.02, 0.06), (0, 0, 0), BAY_DARK)])  # ears
+    + _legs(0.24, 0.08, -0.30, (0.045, 0.045, 0.22), BAY_DARK),
+    "boxes": [],
+}
+
+FAWN, FAWN_DARK = (0.70, 0.58, 0.45), (0.48, 0.38, 0.30)
+RABBIT = {
+    "ellipsoids": [
+        ((-0.05, 0.0, -0.05), (0.26, 0.19, 0.20), (0, 0, 0), FAWN),  # body
+        ((0.22, 0.0, 0.17), (0.13, 0.12, 0.12), (0, 0, 0), FAWN),  # head
+        ((0.335, 0.0, 0.15), (0.02, 0.025, 0.02), (0, 0, 0), PINK),  # nose
+        ((0.30, 0.0, 0.11), (0.05, 0.06, 0.04), (0, 0, 0), WHITE),  # white muzzle
+        ((-0.22, 0.0, 0.0), (0.09, 0.16, 0.15), (0, 0, 0), FAWN_DARK),  # dark haunch
+        ((-0.32, 0.0, 0.02), (0.07, 0.08, 0.07), (0, 0, 0), WHITE),  # white tail
+    ]
+    + _mirror_y([((0.31, 0.07, 0.21), (0.025, 0.02, 0.025), (0, 0, 0), BLACK)])  # eyes
+    + _mirror_y([((0.17, 0.05, 0.40), (0.035, 0.05, 0.16), (15, -10, 0), FAWN_DARK)])  # long ears
+    + _mirror_y([((0.15, 0.08, -0.22), (0.06, 0.04, 0.04), (0, 0, 0), FAWN),  # front paws
+                 ((-0.10, 0.12, -0.23), (0.14, 0.05, 0.03), (0, 0, 0), FAWN_DARK)]),  # hind feet
+    "boxes": [],
+}
+
+WOOD, CUSHION = (0.45, 0.28, 0.14), (0.80, 0.18, 0.18)
+CHAIR = {
+    "ellipsoids": [],
+    "boxes": [
+        ((0.0, 0.0, -0.05), (0.24, 0.24, 0.04), (0, 0, 0), CUSHION),  # seat
+        ((-0.22, 0.0, 0.25), (0.03, 0.24, 0.27), (0, 0, 0), WOOD),  # backrest: plain wood from behind
+        ((-0.185, 0.0, 0.27), (0.008, 0.19, 0.21), (0, 0, 0), CUSHION),  # its cushion, seen from the front
+    ]
+    + _legs(0.20, 0.20, -0.32, (0.025, 0.025, 0.23), WOOD),
+}
+
+OBJECTS = {"dog": DOG, "cat": CAT, "car": CAR, "horse": HORSE, "rabbit": RABBIT, "chair": CHAIR}
 
 # Variants, named "<object>:<variant>": the same object in other colours or sizes (docs/janus.md). A ginger cat is
 # no longer the average colour of the default world (the cat's grey is close to the mean of dog, cat and car).
