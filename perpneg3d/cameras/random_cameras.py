@@ -15,6 +15,7 @@ from perpneg3d.validation import (
     FovRange,
     Milestones,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveInt,
     PositiveRange,
     Probability,
@@ -33,6 +34,8 @@ class RandomCameras:
     elevation, distance and fovy are uniform in their ranges; the pose gets small random perturbations
     (camera position, look-at centre, up vector); the light sits near the camera direction at
     light_distance_range. The render size steps through `heights`/`widths` at `resolution_milestones`.
+    progressive_until > 0 is an azimuth curriculum (threestudio's `progressive_until`): the azimuth range
+    grows linearly from the front view (0) to azimuth_range by that step, r = min(1, step / (N + 1)).
     """
 
     @validated("cameras")
@@ -53,6 +56,7 @@ class RandomCameras:
         light_distance_range: PositiveRange = (0.8, 1.5),
         light_position_perturb: NonNegativeFloat = 1.0,
         elevation_sphere_prob: Probability = 0.0,  # earlier runs: angle only; configs set 0.5 (threestudio)
+        progressive_until: NonNegativeInt = 0,
     ):
         heights, widths = list(heights), list(widths or heights)
         require(len(heights) == len(widths) == len(resolution_milestones) + 1,
@@ -64,12 +68,20 @@ class RandomCameras:
         self.stratified_azimuth = stratified_azimuth
         self.camera_perturb, self.center_perturb, self.up_perturb = camera_perturb, center_perturb, up_perturb
         self.light_distance_range, self.light_position_perturb = tuple(light_distance_range), light_position_perturb
-        self.elevation_sphere_prob = elevation_sphere_prob
+        self.elevation_sphere_prob, self.progressive_until = elevation_sphere_prob, progressive_until
 
     def middle(self) -> tuple[float, float]:
         """(distance, fovy_deg) at the middle of the distribution: where a result is meant to be seen
         from (validation grids, turntables, CLIP's Janus renders, benchmark montages)."""
         return sum(self.distance_range) / 2, sum(self.fovy_range) / 2
+
+    def azimuth_range_at(self, step: int) -> tuple[float, float]:
+        """The azimuth range cameras are drawn from at `step`: the front view widening to azimuth_range."""
+        lo, hi = self.azimuth_range
+        if not self.progressive_until:
+            return lo, hi
+        r = min(1.0, step / (self.progressive_until + 1))
+        return r * lo, r * hi
 
     def resolution(self, step: int) -> tuple[int, int]:
         idx = sum(step >= m for m in self.milestones)
@@ -94,7 +106,7 @@ class RandomCameras:
         """Cameras for training step `step`, drawn from `generator` on its own device (the training
         device in train.py: the cameras are made there, nothing is copied)."""
         b, g, dev = self.batch_size, generator, generator.device
-        lo, hi = self.azimuth_range
+        lo, hi = self.azimuth_range_at(step)
         if self.stratified_azimuth:
             azimuth = lo + (hi - lo) * (torch.rand(1, generator=g, device=dev) + torch.arange(b, device=dev)) / b
         else:

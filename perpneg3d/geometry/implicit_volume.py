@@ -25,7 +25,9 @@ class ImplicitVolume(nn.Module):
     """Density and albedo over the box [-radius, radius]^3 (world units).
 
     density = softplus(raw + density_shift + blob(x)), blob(x) = blob_scale * (1 - |x| / blob_std)
-    (Magic3D's initialisation: a soft ball at the origin); albedo = sigmoid(mlp).
+    (Magic3D's initialisation: a soft ball at the origin); albedo = sigmoid(mlp). blob_radii [rx, ry, rz]
+    makes the blob an ellipsoid, blob(x) = blob_scale * (1 - |x / radii|) (threestudio's and Fantasia3D's
+    ellipsoid shape initialisation; docs/method.md, "Janus mechanisms").
     Normals point along -grad(density): autograd ("analytic", the config default as in threestudio) or
     finite differences.
     Coarse-to-fine: the first `start_level` levels are active, one more every `update_steps` after
@@ -46,6 +48,7 @@ class ImplicitVolume(nn.Module):
         mlp_hidden_layers: NonNegativeInt = 1,
         blob_scale: NonNegativeFloat = 10.0,
         blob_std: PositiveFloat = 0.5,
+        blob_radii: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None,
         density_shift: float = -1.0,  # runs made before this option existed used -1; configs set 0 (threestudio)
         normal_type: str = "finite_difference",
         finite_difference_eps: PositiveFloat = 0.01,
@@ -58,6 +61,9 @@ class ImplicitVolume(nn.Module):
         require(normal_type in ("finite_difference", "analytic"), f"geometry.normal_type={normal_type!r}: use finite_difference or analytic")
         self.radius, self.blob_scale, self.blob_std, self.density_shift = radius, blob_scale, blob_std, density_shift
         self.normal_type, self.fd_eps = normal_type, finite_difference_eps
+        # per-axis radii of an ellipsoid blob (a buffer: moves with .to(); not saved, so checkpoints load either way)
+        radii = torch.tensor(list(blob_radii) if blob_radii else [], dtype=torch.float32)
+        self.register_buffer("blob_radii", radii, persistent=False)
         self.start_level, self.start_step, self.update_steps = min(start_level, n_levels), start_step, max(1, update_steps)
         self.encoding = HashGridEncoding(n_levels, n_features_per_level, log2_hashmap_size, base_resolution,
                                          finest_resolution, implementation=implementation)
@@ -75,7 +81,10 @@ class ImplicitVolume(nn.Module):
         return self.encoding(unit)
 
     def _density_from(self, feats: Tensor, points: Tensor) -> Tensor:
-        blob = self.blob_scale * (1 - points.norm(dim=-1) / self.blob_std)
+        if len(self.blob_radii):
+            blob = self.blob_scale * (1 - (points / self.blob_radii).norm(dim=-1))
+        else:  # the ball, computed as before blob_radii existed: earlier runs stay bit-exact
+            blob = self.blob_scale * (1 - points.norm(dim=-1) / self.blob_std)
         return F.softplus(self.density_mlp(feats).squeeze(-1) + self.density_shift + blob)
 
     def density(self, points: Tensor) -> Tensor:

@@ -46,6 +46,9 @@ class ViewPrompts:
     front and side embeddings weighted by `schedule` (arXiv 2304.04968 section 4; docs/method.md). perp_neg=False: plain
     DreamFusion view prompts, K = 0 (Perp-Neg then reduces to classifier-free guidance).
     view_prompts overrides the text of single views, e.g. {"back": "a corgi seen from behind"}.
+    view_emphasis w != 1 weights what the view words add to the prompt: every view embedding becomes
+    e(prompt) + w * (e(view text) - e(prompt)), a prompt weighting of the view words as in A1111's
+    "(side view:w)" and compel, in embedding space (docs/method.md, "Janus mechanisms").
     """
 
     @validated("prompts")
@@ -60,6 +63,7 @@ class ViewPrompts:
         front_max_deg: Annotated[float, Field(gt=0, le=180)] = 45.0,
         back_min_deg: Annotated[float, Field(gt=0, le=180)] = 135.0,
         overhead_min_deg: Elevation = 60.0,
+        view_emphasis: Annotated[float, Field(ge=0)] = 1.0,
     ):
         self.prompt = validate_prompt(prompt)
         self.negative_prompt = negative_prompt
@@ -70,15 +74,26 @@ class ViewPrompts:
             raise ConfigError(f"view_prompts has unknown views {sorted(unknown)}: use {', '.join(VIEWS)}")
         self.view_texts = {v: overrides.get(v, view_prompt(self.prompt, v, template)) for v in VIEWS}
         self.schedule = schedule if schedule is not None else ExponentialSchedule()
+        self.view_emphasis = view_emphasis
         self.thresholds = dict(front_max_deg=front_max_deg, back_min_deg=back_min_deg, overhead_min_deg=overhead_min_deg)
 
     def texts(self) -> list[str]:
-        """All texts this object embeds: the negative prompt (unconditional) and the four views."""
-        return [self.negative_prompt] + [self.view_texts[v] for v in VIEWS]
+        """All texts this object embeds: the negative prompt (unconditional), the four views, and the
+        prompt itself when view_emphasis needs it."""
+        return [self.negative_prompt] + [self.view_texts[v] for v in VIEWS] + ([self.prompt] if self.emphasised else [])
+
+    @property
+    def emphasised(self) -> bool:
+        return self.view_emphasis != 1.0
 
     def bind(self, denoiser) -> "ViewPrompts":
         """Embed this run's texts with `denoiser`, once (a bad prompt fails here, before step 0)."""
-        self._emb = denoiser.embed(self.texts())
+        emb = denoiser.embed(self.texts())
+        if self.emphasised:
+            base, views = emb[-1:].float(), emb[1:1 + len(VIEWS)].float()
+            views = (base + self.view_emphasis * (views - base)).to(emb.dtype)
+            emb = torch.cat([emb[:1], views])
+        self._emb = emb
         return self
 
     def __call__(self, azimuth_deg: Tensor, elevation_deg: Tensor) -> PromptBatch:
