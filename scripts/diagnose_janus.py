@@ -10,6 +10,10 @@ classifier:  the toy view classifier's accuracy per object and view on ground-tr
 reconstruct: the toy preset's field, renderer and cameras fitted to ground-truth renders of each object from all
              azimuths (photometric loss, no guidance); then the Janus metrics. If an object cannot be
              reconstructed with views the classifier labels right, the defect is not in the guidance.
+views:       does a view prompt's posterior follow its view? For a noisy ground-truth front render of each object (what
+             every camera sees when the field is a column that looks the same from all azimuths), the toy prior's
+             posterior mass on the object's front, side and back images under "a toy <object>, <view> view", at
+             prompts.view_emphasis 1 and the emphases in `view_emphases`, at the timesteps `view_timesteps`.
 layout:      toy-preset runs traced from step 0 every `layout_every` steps: per azimuth (0, 45, ..., 315) the
              classifier's label of the render and the SDS gradient's norm; the density's extent along x and y.
 Writes diagnosis.md, diagnosis.json and pictures (reconstruct.png, layout_<object>_<seed>.png) into out_dir.
@@ -28,6 +32,7 @@ from perpneg3d.errors import require
 from perpneg3d.evaluation.janus import janus_metrics
 from perpneg3d.evaluation.layout import density_extent, sds_norm_per_view
 from perpneg3d.images import make_grid, save_png
+from perpneg3d.prompts import ViewPrompts
 from perpneg3d.prompts.views import VIEWS, view_labels
 from perpneg3d.random_streams import RandomStreams
 from perpneg3d.renderer.orbit import render_rgb
@@ -44,7 +49,8 @@ def toy_parts(cfg, obj: str, seed: int = 0):
             instantiate(run.renderer), instantiate(run.guidance))
 
 
-def classifier_part(cfg, classifier, out: Path) -> dict:
+def classifier_part(cfg, out: Path) -> dict:
+    classifier = toy_parts(cfg, cfg.objects[0])[-1].denoiser.view_classifier()
     g = torch.Generator().manual_seed(0)
     n, result = int(cfg.classifier_views), {}
     for obj in cfg.objects:
@@ -89,6 +95,35 @@ def prior_part(cfg, out: Path) -> dict:
         mass = float(w[0].cpu()[data.object_idx == i].sum())
         result[obj] = dict(images=int((data.object_idx == i).sum()), colour=colour, cover=cover,
                            cfg_direction_colour=direction.mean((1, 2)).tolist(), posterior_mass=mass)
+    return result
+
+
+def views_part(cfg, out: Path) -> dict:
+    """Posterior mass on front / side / back images of the object per prompt view, emphasis and timestep, for
+    `view_noise_draws` noisy versions of the object's ground-truth front render (azimuth 0, elevation 15)."""
+    guidance = toy_parts(cfg, cfg.objects[0])[-1]
+    prior, data = guidance.denoiser, guidance.denoiser.dataset
+    g = torch.Generator().manual_seed(0)
+    n, result = int(cfg.view_noise_draws), {}
+    for obj in cfg.objects:
+        mine = data.object_idx == data.objects.index(obj)
+        eye = spherical_position(torch.tensor([0.0]), torch.tensor([15.0]), torch.tensor([1.95]))
+        cam = CameraBatch(look_at(eye, torch.zeros_like(eye)), torch.tensor([40.0]), torch.tensor([0.0]),
+                          torch.tensor([15.0]), torch.tensor([1.95]), eye, data.resolution, data.resolution)
+        x0 = prior.encode(render_objects([obj], cam, supersample=2))
+        for emphasis in cfg.view_emphases:
+            emb = ViewPrompts(f"a toy {obj}", view_emphasis=float(emphasis)).bind(prior)._emb
+            for view in ("front", "side", "back"):
+                shares = {}
+                for t in cfg.view_timesteps:
+                    abar = prior.alphas_cumprod[int(t)].cpu()
+                    noise = torch.randn(n, *x0.shape[1:], generator=g)
+                    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+                    w, _ = prior.posterior(x_t.to(prior.device), torch.full((n,), int(t)),
+                                           emb[1 + VIEWS.index(view)].expand(n, -1))
+                    w = w.mean(0).cpu()
+                    shares[int(t)] = [float(w[mine & (data.view_idx == v)].sum()) for v in range(3)]
+                result[f"{obj}|{view}|{float(emphasis):g}"] = shares
     return result
 
 
@@ -183,6 +218,13 @@ def markdown(report: dict) -> str:
                          [[obj, r["images"], triple(r["colour"]), f"{r['cover']:.3f}",
                            triple(r["cfg_direction_colour"], "+.3f") if obj != "all" else "-",
                            f"{r['posterior_mass']:.3f}" if obj != "all" else "-"] for obj, r in report["prior"].items()])
+    if "views" in report:
+        steps = next(iter(report["views"].values())).keys()
+        lines += section("View prompts' posterior on a noisy front render: mass on front / side / back images",
+                         ["object", "prompt", "view_emphasis", *(f"t={t}" for t in steps)],
+                         [[*key.split("|")[:1], f"{key.split('|')[1]} view", key.split("|")[2],
+                           *("/".join(f"{x:.2f}" for x in shares) for shares in r.values())]
+                          for key, r in report["views"].items()])
     if "reconstruct" in report:
         lines += section("Photometric reconstruction (no guidance)",
                          ["object", "mse", "view_acc", "aligned", "Janus-free", "side views labelled side", "extent x / y / z"],
@@ -197,24 +239,20 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+PARTS = {"classifier": classifier_part, "prior": prior_part, "views": views_part, "reconstruct": reconstruct_part,
+         "layout": layout_part}  # in the order they run
+
+
 def main(cfg) -> None:
-    unknown = sorted(set(cfg.parts) - {"classifier", "prior", "reconstruct", "layout"})
-    require(not unknown, f"parts={list(cfg.parts)}: {unknown} unknown; use classifier, prior, reconstruct, layout")
+    unknown = sorted(set(cfg.parts) - set(PARTS))
+    require(not unknown, f"parts={list(cfg.parts)}: {unknown} unknown; use {', '.join(PARTS)}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {}
-    if "classifier" in cfg.parts:
-        guidance = toy_parts(cfg, cfg.objects[0])[-1]
-        report["classifier"] = classifier_part(cfg, guidance.denoiser.view_classifier(), out)
-        print(markdown({"classifier": report["classifier"]}), flush=True)
-    if "prior" in cfg.parts:
-        report["prior"] = prior_part(cfg, out)
-        print(markdown({"prior": report["prior"]}), flush=True)
-    if "reconstruct" in cfg.parts:
-        report["reconstruct"] = reconstruct_part(cfg, out)
-        print(markdown({"reconstruct": report["reconstruct"]}), flush=True)
-    if "layout" in cfg.parts:
-        report["layout"] = layout_part(cfg, out)
+    for name, part in PARTS.items():
+        if name in cfg.parts:
+            report[name] = part(cfg, out)
+            print(markdown({name: report[name]}), flush=True)
     (out / "diagnosis.json").write_text(json.dumps(report, indent=2))
     (out / "diagnosis.md").write_text(markdown(report))
     print(markdown(report))

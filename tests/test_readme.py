@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from helpers import TINY_TOY, subprocess_env
 
@@ -138,7 +139,14 @@ def offline(command: str, places: dict) -> str:
                     f"layout_every=1 {shlex.quote('overrides=' + tiny)} out_dir={out}/diagnose")
     elif words[:2] == ["python", "scripts/bench_janus.py"]:
         tiny = "[" + ",".join(f"'{o}'" for o in ["experiment=toy", *TINY, "~export"]) + "]"
-        command += f" objects=[dog] seeds=[0] launcher=basic {shlex.quote('overrides=' + tiny)} out_dir={out}/bench"
+        world = next((w.split("=", 1)[1].strip("[]").split(",") for w in words if w.startswith("world=")), ["dog"])
+        methods = next((w.split("=", 1)[1].strip("[]").split(",") for w in words if w.startswith("methods=")), None)
+        if methods:  # every method named must exist; the last one (the newest) is the one run, to keep CI short
+            known = OmegaConf.load(ROOT / "configs" / "bench_janus.yaml").method_overrides
+            assert set(methods) <= set(known), sorted(set(methods) - set(known))
+            command = command.replace(next(w for w in words if w.startswith("methods=")), f"methods=[{methods[-1]}]")
+        command += (f" objects=[{world[0]}] seeds=[0] launcher=basic {shlex.quote('overrides=' + tiny)} "
+                    f"out_dir={out}/bench_{world[0]}")
     return command
 
 
