@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from perpneg3d.cameras import CameraBatch, look_at, spherical_position
+from perpneg3d.cameras import CameraBatch, look_at, orbit_cameras, spherical_position
 from perpneg3d.config import compose_config, instantiate, run_script
 from perpneg3d.errors import require
 from perpneg3d.evaluation.janus import janus_metrics
@@ -105,12 +105,10 @@ def views_part(cfg, out: Path) -> dict:
     prior, data = guidance.denoiser, guidance.denoiser.dataset
     g = torch.Generator().manual_seed(0)
     n, result = int(cfg.view_noise_draws), {}
+    front = orbit_cameras(torch.tensor([0.0]), 15.0, sum(data.distance_range) / 2, data.fovy_deg, data.resolution)
     for obj in cfg.objects:
         mine = data.object_idx == data.objects.index(obj)
-        eye = spherical_position(torch.tensor([0.0]), torch.tensor([15.0]), torch.tensor([1.95]))
-        cam = CameraBatch(look_at(eye, torch.zeros_like(eye)), torch.tensor([40.0]), torch.tensor([0.0]),
-                          torch.tensor([15.0]), torch.tensor([1.95]), eye, data.resolution, data.resolution)
-        x0 = prior.encode(render_objects([obj], cam, supersample=2))
+        x0 = prior.encode(render_objects([obj], front, supersample=2))
         for emphasis in cfg.view_emphases:
             emb = ViewPrompts(f"a toy {obj}", view_emphasis=float(emphasis)).bind(prior)._emb
             for view in ("front", "side", "back"):

@@ -139,12 +139,13 @@ def offline(command: str, places: dict) -> str:
                     f"layout_every=1 {shlex.quote('overrides=' + tiny)} out_dir={out}/diagnose")
     elif words[:2] == ["python", "scripts/bench_janus.py"]:
         tiny = "[" + ",".join(f"'{o}'" for o in ["experiment=toy", *TINY, "~export"]) + "]"
-        world = next((w.split("=", 1)[1].strip("[]").split(",") for w in words if w.startswith("world=")), ["dog"])
-        methods = next((w.split("=", 1)[1].strip("[]").split(",") for w in words if w.startswith("methods=")), None)
-        if methods:  # every method named must exist; the last one (the newest) is the one run, to keep CI short
+        lists = {w.split("=", 1)[0]: w for w in words if w.startswith(("world=", "methods="))}
+        world = lists["world"].split("=", 1)[1].strip("[]").split(",") if "world" in lists else ["dog"]
+        if "methods" in lists:  # every method named must exist; the last one (the newest) is the one run, to keep CI short
+            methods = lists["methods"].split("=", 1)[1].strip("[]").split(",")
             known = OmegaConf.load(ROOT / "configs" / "bench_janus.yaml").method_overrides
             assert set(methods) <= set(known), sorted(set(methods) - set(known))
-            command = command.replace(next(w for w in words if w.startswith("methods=")), f"methods=[{methods[-1]}]")
+            command = command.replace(lists["methods"], f"methods=[{methods[-1]}]")
         command += (f" objects=[{world[0]}] seeds=[0] launcher=basic {shlex.quote('overrides=' + tiny)} "
                     f"out_dir={out}/bench_{world[0]}")
     return command
