@@ -164,6 +164,83 @@ def test_dmtet_takes_a_coarse_runs_surface_and_colour(tmp_path, monkeypatch):
     vertices, faces = geometry.mesh()
     assert vertices.norm(dim=-1).mean().item() == pytest.approx(0.36, rel=0.01)
     assert torch.equal(geometry.albedo(points), coarse.albedo(points))
+    # the signed distance is clamped to [-1, 1] (the density ranges over [-6.7, 10] here, sdf over [-6, 10.7])
+    raw = 4.0 - coarse.density(geometry.grid_vertices)
+    assert raw.min() < -5 and raw.max() > 10
+    assert torch.equal(geometry.sdf.detach(), raw.clamp(-1, 1))
+
+
+class Ball:
+    """A coarse field whose density 10 (1 - |x| / 0.6) is above 4 inside the ball of radius 0.36."""
+
+    def density(self, points):
+        return 10 * (1 - points.norm(dim=-1) / 0.6)
+
+
+def test_the_grid_is_fitted_to_the_source_surface_with_a_margin(tmp_path, monkeypatch):
+    """fit_grid by hand: the 64-cell probe lattice over [-1, 1] (spacing 1/32) has its outermost points above
+    level 4 at 11/32 = 0.34375; one probe cell more is 0.375, and 10 % of the extent 0.75 on each side gives the
+    box [-0.45, 0.45]^3. The same 48 cells then land on the ball: its surface is kept (radius 0.36) with about
+    (2 / 0.9)^2 = 4.9 times the faces."""
+    monkeypatch.setenv("PERPNEG3D_CACHE", str(tmp_path))
+    whole, fitted = dmtet(48), dmtet(48)
+    fitted.fit_grid(Ball(), 4.0)
+    assert torch.allclose(fitted.bbox, torch.tensor([[-0.45] * 3, [0.45] * 3]), atol=1e-6)
+    assert fitted.grid_vertices.abs().max().item() == pytest.approx(0.45, abs=1e-6)
+    for geometry in (whole, fitted):
+        geometry.initialise_from(Ball(), 4.0)
+    (v_whole, f_whole), (v_fit, f_fit) = whole.mesh(), fitted.mesh()
+    assert v_fit.norm(dim=-1).mean().item() == pytest.approx(0.36, rel=0.005)
+    assert 4.0 < len(f_fit) / len(f_whole) < 6.0
+    with torch.no_grad():
+        fitted.deform.fill_(100.0)  # the offsets are bounded by the fitted cells: 0.25 * 0.9 / 48
+    assert torch.allclose(fitted.vertices() - fitted.grid_vertices, torch.full((1, 3), 0.25 * 0.9 / 48), atol=1e-6)
+    # nothing above the level, or fit_margin null: the whole box
+    empty, off = dmtet(48), dmtet(48, fit_margin=None)
+    empty.fit_grid(Ball(), 20.0)
+    off.fit_grid(Ball(), 4.0)
+    assert torch.equal(empty.bbox, whole.bbox) and torch.equal(off.bbox, whole.bbox)
+    assert torch.equal(whole.bbox, torch.tensor([[-1.0] * 3, [1.0] * 3]))
+
+
+def test_the_fitted_box_is_saved_and_an_older_state_loads_as_the_whole_box(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERPNEG3D_CACHE", str(tmp_path))
+    fitted = dmtet(16)
+    fitted.fit_grid(Ball(), 4.0)
+    loaded = dmtet(16)
+    loaded.load_state_dict(fitted.state_dict())
+    assert torch.equal(loaded.grid_vertices, fitted.grid_vertices)
+    older = {k: v for k, v in fitted.state_dict().items() if k != "bbox"}  # a checkpoint made before the fit
+    loaded.load_state_dict(older)
+    assert torch.equal(loaded.bbox, torch.tensor([[-1.0] * 3, [1.0] * 3]))
+
+
+def test_the_colour_field_keeps_the_source_s_levels_through_the_refine_steps(tmp_path, monkeypatch):
+    """A source whose coarse-to-fine band had opened all 8 levels: after initialise_from and the stage's
+    update_step calls from step 0 on, all 8 stay active and the albedo is the source's (the stage has no band;
+    restarting the source's band switched levels 5-8 off again)."""
+    from perpneg3d.geometry import ImplicitVolume
+    from perpneg3d.geometry.dmtet import DMTetGeometry
+
+    monkeypatch.setenv("PERPNEG3D_CACHE", str(tmp_path))
+    kw = dict(radius=1.0, n_levels=8, log2_hashmap_size=10, finest_resolution=128, implementation="torch",
+              start_level=4, start_step=0, update_steps=1)
+    torch.manual_seed(0)
+    source = ImplicitVolume(**kw)
+    with torch.no_grad():
+        source.encoding.encoding.embeddings.uniform_(-1, 1)
+    source.update_step(10)  # the band is open: 4 + 10 levels, capped at 8
+    geometry = DMTetGeometry(ImplicitVolume(**kw), radius=1.0, grid_resolution=16)
+    assert int(geometry.color_field.encoding.active_levels) == 4
+    geometry.initialise_from(source, 4.0, torch.zeros(len(geometry.unit_vertices)))
+    points = torch.rand(256, 3) * 2 - 1
+    expected = source.albedo(points)
+    for step in (0, 1, 2, 500):
+        geometry.update_step(step)
+        assert int(geometry.color_field.encoding.active_levels) == 8
+        assert torch.equal(geometry.albedo(points), expected)
+    source.update_step(0)  # the difference the band would make: the source itself with 4 levels
+    assert (source.albedo(points) - expected).abs().mean() > 0.01
 
 
 def test_mesh_quality_counts_by_hand():

@@ -168,3 +168,37 @@ def test_antialias_moves_an_occluding_edge_over_another_face():
     loss(c).backward()
     assert torch.allclose(c.grad[..., :2], finite_differences(loss, clip)[..., :2], rtol=1e-5, atol=1e-6)
     assert c.grad[0, 3:, :2].abs().min() > 0.05  # every coordinate of the near face moves an edge over the far one
+
+
+def test_nvdiffrast_receives_float32_colours_and_clip_and_int32_faces():
+    """nvdiffrast's kernels take float32 attributes, colours and positions and int32 triangles only; the adapter
+    converts whatever the shading's dtype is (half under autocast) before each call. nvdiffrast itself needs
+    CUDA, so a recorder stands in for its module here (its parity with the torch rasterizer is gpu_check's)."""
+    from perpneg3d.renderer.nvdiffrast_rasterizer import NvdiffrastRasterizer
+
+    calls = []
+
+    class Recorder:
+        def RasterizeCudaContext(self, device):  # noqa: N802  (nvdiffrast's name)
+            return "context"
+
+        def rasterize(self, context, clip, faces, resolution):
+            calls.append(("rasterize", clip.dtype, faces.dtype))
+            return clip.new_zeros(1, *resolution, 4), None
+
+        def interpolate(self, attributes, rast, faces):
+            calls.append(("interpolate", attributes.dtype, faces.dtype))
+            return attributes, None
+
+        def antialias(self, color, rast, clip, faces):
+            calls.append(("antialias", color.dtype, clip.dtype, faces.dtype, color.is_contiguous()))
+            return color
+
+    rasterizer = NvdiffrastRasterizer(Recorder(), torch.device("cpu"))
+    clip, faces = torch.rand(1, 3, 4, dtype=torch.float16), torch.tensor([[0, 1, 2]])
+    rast = rasterizer.rasterize(clip, faces, (4, 4))
+    rasterizer.interpolate(torch.rand(3, 3, dtype=torch.float16), rast, faces)
+    colour = torch.rand(1, 4, 4, 3, dtype=torch.float16).transpose(1, 2)  # half and not contiguous
+    assert rasterizer.antialias(colour, rast, clip, faces).dtype == torch.float32
+    assert calls == [("rasterize", torch.float32, torch.int32), ("interpolate", torch.float32, torch.int32),
+                     ("antialias", torch.float32, torch.float32, torch.int32, True)]

@@ -17,6 +17,7 @@ from perpneg3d.geometry import DMTetGeometry
 from perpneg3d.geometry.dmtet import normal_consistency
 from perpneg3d.geometry.marching_tets import marching_tets
 from perpneg3d.training.checkpoint import latest_valid_checkpoint
+from perpneg3d.training.refine import initialise
 from perpneg3d.training.run import train
 
 REFINE = ["geometry.grid_resolution=16", "trainer.max_steps=4", "trainer.val_every=2", "trainer.ckpt_every=2",
@@ -84,12 +85,52 @@ def test_the_refine_starts_from_the_source_surface_and_colour(coarse, tmp_path):
     _, volume, _, _, _, _ = load_run(coarse)
     geometry = instantiate(saved.geometry)
     state = latest_valid_checkpoint(run)[1]
-    # after one Adam step of lr 0.01 the signed distance is still the level minus the coarse density, to 0.01
-    level = float((state["geometry"]["sdf"] + geometry.grid_density(volume)).median())
-    assert (state["geometry"]["sdf"] - (level - geometry.grid_density(volume))).abs().max() <= 0.0101
+    geometry.load_state_dict(state["geometry"])  # the grid's box, fitted to the source's surface, comes with it
+    assert (geometry.bbox[1] - geometry.bbox[0] < 2 * geometry.radius).all()
+    # the run's start replayed: the signed distance is the level minus the coarse density, clamped to [-1, 1]
+    # (sdf_clamp), on that box; after one Adam step of lr 0.01 the run's is still that, to 0.01
+    start = instantiate(saved.geometry)
+    level = initialise(start, instantiate(saved.renderer), saved)
+    assert torch.equal(start.bbox, geometry.bbox)
+    density = start.grid_density(volume)
+    assert torch.equal(start.sdf.detach(), (level - density).clamp(-1, 1))
+    assert ((level - density).abs() < 1).sum() > 100 and (level - density).abs().max() > 2  # the clamp acts
+    assert (state["geometry"]["sdf"] - start.sdf.detach()).abs().max() <= 0.0101
     points = torch.rand(64, 3) - 0.5
-    geometry.load_state_dict(state["geometry"])
     assert torch.allclose(geometry.albedo(points), volume.albedo(points), atol=0.05)
+
+
+def test_the_silhouette_start_is_the_level_whose_silhouettes_match_best(coarse, tmp_path):
+    """silhouette_level's choice has the highest IoU of the mesh's coverage against the coarse renders' of all
+    17 candidate levels (computed here, apart), and beats the export level's and the extremes' clearly."""
+    from perpneg3d.renderer.orbit import render_views
+    from perpneg3d.training.refine import SEARCH_SCALES, silhouette_level
+    from perpneg3d.training.run_loading import load_run
+
+    run = refine(coarse, tmp_path, ["trainer.max_steps=1", "trainer.val_every=1", "~export"])
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(run / "config.yaml")
+    source_cfg, volume, source_renderer, _, _, _ = load_run(coarse)
+    geometry, renderer = instantiate(saved.geometry), instantiate(saved.renderer)
+    export_level = instantiate(source_cfg.export).level(volume)[1]
+    geometry.fit_grid(volume, float(export_level * SEARCH_SCALES[0]))
+    density = geometry.grid_density(volume)
+    chosen = silhouette_level(geometry, renderer, volume, source_renderer, density, export_level, saved.cameras)
+    azimuth = torch.arange(12) * 30.0
+    cams = (azimuth, torch.full_like(azimuth, float(sum(saved.cameras.elevation_range)) / 2),
+            float(sum(saved.cameras.distance_range)) / 2,
+            float(sum(saved.cameras.fovy_range)) / 2, 64)
+    target = torch.cat([o.opacity for o in render_views(volume, source_renderer, *cams)]) > 0.5
+
+    def iou(level):
+        geometry.initialise_from(volume, level, density)
+        covered = torch.cat([o.opacity for o in render_views(geometry, renderer, *cams)]) > 0.5
+        return float((covered & target).sum() / (covered | target).sum())
+
+    scores = {level: iou(level) for level in (export_level * SEARCH_SCALES).tolist()}
+    assert chosen in scores and scores[chosen] == max(scores.values())
+    assert scores[chosen] > 0.6 and scores[chosen] - min(scores.values()) > 0.1
 
 
 def test_resume_of_a_refine_run_is_exact(coarse, tmp_path):

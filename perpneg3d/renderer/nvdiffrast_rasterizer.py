@@ -43,4 +43,5 @@ class NvdiffrastRasterizer:
         return out
 
     def antialias(self, color: Tensor, rast: Tensor, clip: Tensor, faces: Tensor) -> Tensor:
-        return self.dr.antialias(color.contiguous(), rast, clip.float().contiguous(), faces.int().contiguous())
+        # nvdiffrast's antialias takes float32 colours only (a half-precision shading would be refused on CUDA)
+        return self.dr.antialias(color.float().contiguous(), rast, clip.float().contiguous(), faces.int().contiguous())

@@ -151,7 +151,8 @@ class TorchRasterizer:
         t = self.tile
         tiles_x, tiles_y = -(-width // t), -(-height // t)
         lo = (tri.amin(1) - 0.5).floor().clamp_min(0)
-        hi = (tri.amax(1) - 0.5).ceil().clamp(max=torch.tensor([width - 1, height - 1], dtype=xy.dtype))
+        hi = (tri.amax(1) - 0.5).ceil()
+        hi = torch.stack([hi[:, 0].clamp(max=width - 1), hi[:, 1].clamp(max=height - 1)], -1)
         drawable &= (hi >= lo).all(-1)
         ids = torch.nonzero(drawable).squeeze(-1)
         if ids.numel() == 0:

@@ -23,6 +23,7 @@ from perpneg3d.training.resume_config import apply_changes, leaves, load_saved_c
 
 log = logging.getLogger(__name__)
 OWN_GROUPS = ("geometry", "renderer", "trainer")  # the stage's own, replacing the source's whole
+SEARCH_SCALES = 2.0 ** torch.linspace(-3, 1, 17)  # silhouette_level's candidates, times the export level
 
 
 def source_folder(refine: str) -> Path:
@@ -100,15 +101,18 @@ def initialise(geometry, renderer, cfg: DictConfig) -> float:
     source_cfg, volume, source_renderer, _, step, source_dir = load_run(cfg.refine)
     exporter = instantiate(source_cfg.export) if "_target_" in (source_cfg.get("export") or {}) else MeshExporter()
     export_level = exporter.level(volume)[1]
-    density = geometry.grid_density(volume)
     level = geometry.init_level
     if level == "export":
         level = export_level
-    elif level == "silhouette":
+    # the grid's box holds the largest surface considered: the silhouette search's lowest level, or the level
+    geometry.fit_grid(volume, float(export_level * SEARCH_SCALES[0]) if level == "silhouette" else float(level))
+    density = geometry.grid_density(volume)
+    if level == "silhouette":
         level = silhouette_level(geometry, renderer, volume, source_renderer, density, export_level, cfg.cameras)
     geometry.initialise_from(volume, float(level), density)
-    log.info("refine: DMTet from %s at step %d, density level %.3g (export level %.3g)", source_dir, step, level,
-             export_level)
+    box = geometry.bbox.tolist()
+    log.info("refine: DMTet from %s at step %d, density level %.3g (export level %.3g), grid box %s", source_dir,
+             step, level, export_level, " x ".join(f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(*box)))
     return float(level)
 
 
@@ -126,7 +130,7 @@ def silhouette_level(geometry, renderer, volume, volume_renderer, density, expor
     args = (azimuth, elevation, distance, fovy, resolution)
     target = torch.cat([o.opacity for o in render_views(volume, volume_renderer, *args)]) > 0.5
     best = (-1.0, export_level)
-    for level in (export_level * 2.0 ** torch.linspace(-3, 1, 17)).tolist():
+    for level in (export_level * SEARCH_SCALES).tolist():
         geometry.initialise_from(volume, level, density)
         covered = torch.cat([o.opacity for o in render_views(geometry, renderer, *args)]) > 0.5
         iou = float((covered & target).sum() / (covered | target).sum().clamp_min(1))
