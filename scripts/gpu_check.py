@@ -17,11 +17,14 @@ Exit code 1 when any check fails (each named in the report's failed_checks), 0 o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -37,6 +40,8 @@ from perpneg3d.training.step_benchmark import PHASES, build_setup, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 MARCHER_TOLERANCE = 0.03  # mean |rgb difference| between marcher and sampler renders of one field
+GRACE_S = 15.0  # a section past the budget is stopped this much later (its child processes end at the budget)
+SYNC_STEPS = (5, 6, 7)  # the steps whose synchronisations sync_count attributes: no occupancy-grid update among them
 
 
 def run_command(cmd: list[str], timeout: float = 60) -> str | None:
@@ -61,7 +66,8 @@ def environment(args) -> dict:
     env["toolkit_problems"] = nerfacc_cuda.toolkit_problems()
     if args.device.type == "cuda":
         built = nerfacc_cuda.build(timeout_s=max(30.0, min(args.build_timeout, args.remaining())))
-        env["nerfacc_kernels"] = dict(ok=built.ok, reason=built.reason, seconds=round(built.seconds, 1))
+        env["nerfacc_kernels"] = dict(ok=built.ok, reason=built.reason, seconds=round(built.seconds, 1),
+                                      **({"log_tail": built.log_tail} if not built.ok else {}))
     else:
         env["nerfacc_kernels"] = dict(ok=None, reason="no CUDA device: not built", seconds=0.0)
     env["tinycudann"] = import_tcnn() is not None
@@ -73,16 +79,20 @@ def environment(args) -> dict:
 
 
 def gpu_tests(args) -> dict:
-    """`pytest -m gpu` in a child process (with this Python: no venv, no reinstall), within the budget."""
+    """`pytest -m gpu` in a child process (with this Python: no venv, no reinstall), within the budget. Cut
+    short by the budget it is incomplete, not failed; a failed run keeps its output's last lines."""
     timeout = max(10.0, min(args.pytest_timeout, args.remaining()))
     try:
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(exit_code=None, ok=False, summary=f"did not finish in {timeout:.0f} s")
+    except subprocess.TimeoutExpired as stopped:
+        output = (stopped.stdout or b"").decode(errors="replace") if isinstance(stopped.stdout, bytes) else stopped.stdout
+        return dict(exit_code=None, ok=None, incomplete=f"budget: stopped after {timeout:.0f} s",
+                    log_tail=nerfacc_cuda.tail(output or ""))
     lines = [ln for ln in done.stdout.strip().splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
-    return dict(exit_code=done.returncode, ok=done.returncode in (0, 5),  # 5: no test selected (none marked gpu ran)
-                summary=lines[-1] if lines else done.stdout.strip()[-300:])
+    ok = done.returncode in (0, 5)  # 5: no test selected (none marked gpu ran)
+    return dict(exit_code=done.returncode, ok=ok, summary=lines[-1] if lines else done.stdout.strip()[-300:],
+                **({} if ok else {"log_tail": nerfacc_cuda.tail(done.stdout + done.stderr)}))
 
 
 def small_grid(seed: int = 0) -> TorchHashGrid:
@@ -242,54 +252,97 @@ def bench_overrides(args, perp_neg: bool = True, estimator: str = "auto") -> lis
             f"cameras.heights=[{res}]", f"cameras.widths=[{res}]", f"renderer.estimator={estimator}"]
 
 
-def classify_syncs(locations: list[tuple[str, int]], skip_decision: tuple[str, int]) -> dict[str, int]:
-    """Count synchronisations by who makes them: nerfacc (its occupancy-grid sampler synchronises by
-    design: boolean indexing, .item()), the trainer's skip decision (its one allowed sync), perpneg3d's own."""
-    counts = dict(nerfacc=0, skip_decision=0, own=0)
-    for filename, lineno in locations:
-        if "/nerfacc/" in filename.replace("\\", "/"):
-            counts["nerfacc"] += 1
-        elif Path(filename).name == skip_decision[0] and lineno == skip_decision[1]:
-            counts["skip_decision"] += 1
-        else:
-            counts["own"] += 1
-    return counts
+def marked_line(module, function, marker: str) -> tuple[str, int]:
+    """(file name, line number) of the line of `function` (in `module`) whose text holds `marker`."""
+    import inspect
+
+    source, first = inspect.getsourcelines(function)
+    offset = next(i for i, line in enumerate(source) if marker in line)
+    return Path(module.__file__).name, first + offset
 
 
 def skip_decision_line() -> tuple[str, int]:
     """trainer.py's line that reads the step's finiteness on the host (docs/gpu.md)."""
-    import inspect
-
     from perpneg3d.training import trainer
 
-    source, first = inspect.getsourcelines(trainer.Trainer.train_step)
-    offset = next(i for i, line in enumerate(source) if "the step's one sync" in line)
-    return Path(trainer.__file__).name, first + offset
+    return marked_line(trainer, trainer.Trainer.train_step, "the step's one sync")
+
+
+def known_syncs() -> dict[tuple[str, int], str]:
+    """perpneg3d's synchronisations by design, each with its reason (docs/gpu.md): counted apart, not failures."""
+    from perpneg3d.renderer import volume_renderer
+
+    normals = marked_line(volume_renderer, volume_renderer.VolumeRenderer._render_rays,
+                          "known sync: normals")
+    return {normals: "normals pass (shading or trainer.lambda_orient): torch.nonzero picks the visible samples, "
+                     "whose normals cost 6 density queries each (finite differences) or a double backward (analytic)"}
+
+
+def classify_stack(stack: list[tuple[str, int]], skip_decision: tuple[str, int],
+                   known: dict[tuple[str, int], str]) -> str:
+    """Who makes a synchronisation, from the Python stack at the moment it happens (outermost frame first): nerfacc
+    (its occupancy-grid sampler synchronises by design), the trainer's skip decision, a known sync of perpneg3d's
+    (known_syncs), autograd's engine (a sync of the backward pass: torch replays it under its own files, so the
+    forward op that asks for it is not on the stack), or perpneg3d's own."""
+    names = [(Path(f).name, line) for f, line in stack]
+    if any("/nerfacc/" in f.replace("\\", "/") for f, _ in stack):
+        return "nerfacc"
+    if skip_decision in names:
+        return "skip_decision"
+    if any(site in known for site in names):
+        return "known"
+    innermost = stack[-1][0].replace("\\", "/") if stack else ""
+    if "/torch/" in innermost and "/autograd/" in innermost:
+        return "backward"
+    return "own"
+
+
+def own_site(stack: list[tuple[str, int]]) -> str:
+    """The innermost perpneg3d frame of a stack, as file:line (the line to look at), else the innermost frame."""
+    ours = [(f, line) for f, line in stack if "/perpneg3d/" in f.replace("\\", "/")]
+    f, line = (ours or stack or [("?", 0)])[-1]
+    return f"{Path(f).name}:{line}"
+
+
+def sync_stacks(fn) -> list[list[tuple[str, int]]]:
+    """Run fn() under CUDA's sync debug mode; the Python stack (file, line; outermost first) of each synchronisation."""
+    stacks = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            stacks.append([(f.filename, f.lineno) for f in traceback.extract_stack()[:-1]])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return stacks
 
 
 def sync_count(args) -> dict:
-    """Synchronisations of one training step, counted with torch.cuda.set_sync_debug_mode; the target is
-    no sync of perpneg3d's own outside logging steps and the skip decision (nerfacc's counted apart)."""
+    """Synchronisations of training steps SYNC_STEPS (lambda_orient > 0, so the normals pass runs), attributed by
+    the Python stack at each one: the target is no sync of perpneg3d's own outside logging steps, the skip
+    decision and the known ones (nerfacc's and autograd's backward counted apart)."""
     if args.device.type != "cuda":
         return dict(skipped="no CUDA device: host<->device synchronisations exist only on CUDA")
-    setup = build_setup(bench_overrides(args), make_denoiser(args))
-    measure(setup, steps=2, warmup=1)  # lazy initialisation, occupancy grid, caches
+    setup = build_setup(bench_overrides(args) + ["trainer.lambda_orient=10.0"], make_denoiser(args))
+    measure(setup, steps=2, warmup=1, phases=False)  # lazy initialisation, occupancy grid, caches
     run = setup.trainer.start(setup.geometry, setup.renderer, setup.guidance, setup.prompts, setup.cameras, seed=1)
-    step = 5  # not an occupancy-grid update step
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            setup.trainer.train_step(step, run)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    counts = classify_syncs([(w.filename, w.lineno) for w in syncs], skip_decision_line())
-    where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
-    return dict(syncs_per_step=len(syncs), own=counts["own"], nerfacc_sampler=counts["nerfacc"],
-                skip_decision=counts["skip_decision"], target_own=0, ok=counts["own"] == 0, locations=where,
-                renderer=setup.renderer.backend)
+    stacks = sync_stacks(lambda: [setup.trainer.train_step(step, run) for step in SYNC_STEPS])
+    known = known_syncs()
+    kinds = [classify_stack(stack, skip_decision_line(), known) for stack in stacks]
+    per_step = {kind: kinds.count(kind) / len(SYNC_STEPS) for kind in ("own", "nerfacc", "skip_decision", "known",
+                                                                       "backward")}
+    own = sorted({own_site(stack) for stack, kind in zip(stacks, kinds) if kind == "own"})
+    return dict(steps=list(SYNC_STEPS), syncs_per_step=len(stacks) / len(SYNC_STEPS), own=per_step["own"],
+                nerfacc_sampler=per_step["nerfacc"], skip_decision=per_step["skip_decision"],
+                known=per_step["known"], known_reasons=sorted(set(known.values())), autograd_backward=per_step["backward"],
+                target_own=0, ok=per_step["own"] == 0, locations=own, renderer=setup.renderer.backend)
 
 
 def step_benchmark(args) -> dict:
@@ -400,9 +453,33 @@ def write_report(report: dict, out: Path) -> None:
     write_atomic(out / "gpu_report.md", markdown(report))
 
 
+class BudgetSpent(Exception):
+    """Raised in a section still running when its time cap (time_cap) ends."""
+
+
+@contextlib.contextmanager
+def time_cap(seconds: float):
+    """Raise BudgetSpent in the code inside after `seconds` (SIGALRM; in the main thread of a POSIX system, else
+    no cap). A section's child processes (the nerfacc build, pytest) have their own timeouts, which end first."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise BudgetSpent()
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def run_sections(sections, args, out: Path) -> dict:
     """Run each section in order, rewriting the report after each; sections that would start after
-    args.budget_s are skipped with that reason."""
+    args.budget_s are skipped with that reason, and one still running GRACE_S after it is stopped (incomplete)."""
     report = dict(tiny=args.tiny, budget_s=args.budget_s, seconds=0.0)
     start = time.perf_counter()
     args.remaining = lambda: args.budget_s - (time.perf_counter() - start)
@@ -413,11 +490,18 @@ def run_sections(sections, args, out: Path) -> dict:
             continue
         t0 = time.perf_counter()
         print(f"[gpu_check] {name} ...", flush=True)
+        cudnn_benchmark = torch.backends.cudnn.benchmark  # a section that turns it on leaves it as it found it
         try:
-            report[name] = fn(args)
+            with time_cap(args.remaining() + GRACE_S):
+                report[name] = fn(args)
+        except BudgetSpent:
+            report[name] = dict(incomplete=f"budget: stopped after {time.perf_counter() - t0:.0f} s, when the budget of "
+                                           f"{args.budget_s:.0f} s was spent")
         except Exception as err:  # noqa: BLE001  (report the failure, go on with the other sections)
             report[name] = dict(error=f"{type(err).__name__}: {err}".splitlines()[0][:300],
                                 trace=traceback.format_exc(limit=3).splitlines()[-3:])
+        finally:
+            torch.backends.cudnn.benchmark = cudnn_benchmark
         report[name]["section_seconds"] = round(time.perf_counter() - t0, 1)
         report["seconds"] = time.perf_counter() - start
         write_report(report, out)

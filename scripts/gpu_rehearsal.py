@@ -12,7 +12,9 @@ FAILED, its time, the first error line):
    CPU mode (`--device cpu --tiny`): offline install from the wheelhouse, pip check, the report;
 5. cuda-compiler: the package index's CUDA compiler wheels (nvidia-cuda-nvcc, -cccl, -runtime) of torch's CUDA;
 6. nerfacc-build: nerfacc's kernels compiled and linked for sm_90 (H100/H200) with them, and imported;
-7. tests: the CPU test suite in that venv.
+7. nerfacc-build-system: the same with the node's layout, a system toolkit (a CUDA_HOME shaped like
+   /usr/local/cuda) used alone while pip's CUDA wheels are installed too;
+8. tests: the CPU test suite in that venv.
 It downloads several GB the first time (torch's CUDA build and its libraries). Not part of CI; run it after
 any change to the dependencies, the wheelhouse, the CUDA build or gpu_check (README, "GPU").
 """
@@ -39,6 +41,22 @@ def read_torch(node_packages: Path) -> str:
         if match:
             return match.group(1)
     raise SystemExit(f"{node_packages} pins no torch version: add torch==<version>")
+
+
+def system_toolkit(pip_toolkit: Path, folder: Path) -> Path:
+    """A CUDA_HOME shaped like /usr/local/cuda made of pip's toolkit (links): bin/, include/ and nvvm/ as they are,
+    lib64/ with every library of pip's lib/ and the unversioned libcudart.so a system toolkit has."""
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "lib64").mkdir(parents=True)
+    for part in ("bin", "include", "nvvm"):
+        if (pip_toolkit / part).exists():
+            (folder / part).symlink_to(pip_toolkit / part)
+    for library in sorted((pip_toolkit / "lib").iterdir()):
+        (folder / "lib64" / library.name).symlink_to(library)
+    cudart = sorted((pip_toolkit / "lib").glob("libcudart.so.*"))
+    if cudart and not (folder / "lib64" / "libcudart.so").exists():
+        (folder / "lib64" / "libcudart.so").symlink_to(cudart[0])
+    return folder
 
 
 def first_error(text: str) -> str:
@@ -120,14 +138,26 @@ class Rehearsal:
             build_env = dict(TORCH_CUDA_ARCH_LIST=ARCH, TORCH_EXTENSIONS_DIR=str(WORK / "torch_extensions"),
                              MAX_JOBS=str(os.cpu_count() or 2), CUDA_HOME=str(Path(site) / "nvidia" / f"cu{major}"))
             shutil.rmtree(WORK / "torch_extensions", ignore_errors=True)
-            ok = ok and self.step("nerfacc-build", [self.py, "-m", "perpneg3d.renderer.nerfacc_cuda", "--build",
-                                                    "--without-device", "--timeout", "1800"],
-                                  [self.py, "-c", "from nerfacc.cuda import _backend; import sys; "
-                                   "sys.exit(0 if _backend._C is not None else 'not loaded'); "],
-                                  env=build_env)
+            ok = ok and self.build_step("nerfacc-build", build_env)
+            # the node's layout: a system toolkit at /usr/local/cuda (bin/, include/, lib64/ with libcudart.so),
+            # used alone, while pip's CUDA wheels are installed too (torch's)
+            system = system_toolkit(Path(site) / "nvidia" / f"cu{major}", WORK / "usr-local-cuda")
+            shutil.rmtree(WORK / "torch_extensions_system", ignore_errors=True)
+            ok = ok and self.build_step("nerfacc-build-system", dict(
+                build_env, CUDA_HOME=str(system), CPATH="", LIBRARY_PATH="",
+                TORCH_EXTENSIONS_DIR=str(WORK / "torch_extensions_system")), check=lambda out: (
+                    None if "build environment: CPATH=" not in out else "pip's headers were put on CPATH beside the "
+                    "system toolkit's"))
         if ok and not a.skip_tests:
             self.step("tests", [self.py, "-m", "pytest", "-q", "-x", "-m", "not slurm"])
         return self.summary()
+
+    def build_step(self, name: str, env: dict, check=None) -> bool:
+        """nerfacc's kernels compiled and linked for ARCH in the environment `env`, then imported."""
+        return self.step(name, [self.py, "-m", "perpneg3d.renderer.nerfacc_cuda", "--build", "--without-device",
+                                "--timeout", "1800"],
+                         [self.py, "-c", "from nerfacc.cuda import _backend; import sys; "
+                          "sys.exit(0 if _backend._C is not None else 'not loaded'); "], env=env, check=check)
 
     def torch_is(self, version: str) -> str | None:
         got = subprocess.run([self.py, "-c", "import torch; print(torch.__version__)"], capture_output=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import subprocess_env
+from helpers import TINY_TOY, subprocess_env
 from perpneg3d.errors import ConfigError, PerpNegError
 from perpneg3d.geometry import hash_grid
 from perpneg3d.geometry.hash_grid import HashGridEncoding
@@ -132,6 +132,34 @@ def test_pip_cuda_13_layout_gives_the_build_its_paths(monkeypatch, tmp_path):
     link = Path(out["LIBRARY_PATH"].split(os.pathsep)[0]) / "libcudart.so"
     assert link.resolve() == (cu13 / "lib" / "libcudart.so.13").resolve()
     assert nerfacc_cuda.toolkit_problems(dict(env, **out)) == []
+
+
+def test_a_complete_system_toolkit_is_used_alone_with_ninja_and_the_device_s_arch(monkeypatch, tmp_path):
+    """The node's layout: /usr/local/cuda (bin/nvcc, include/ with every header, lib64/libcudart.so) while pip's
+    CUDA wheels are installed too (torch's dependencies). The build uses the system toolkit alone: no pip
+    headers on CPATH (two CUDA releases' headers were never compiled together), no libcudart link; this
+    Python's folder (ninja) on PATH; TORCH_CUDA_ARCH_LIST from the GPU. A toolkit lacking a header gets pip's."""
+    system = tmp_path / "usr-local-cuda"
+    (system / "bin").mkdir(parents=True)
+    (system / "bin" / "nvcc").write_text("")
+    (system / "include").mkdir()
+    for header in nerfacc_cuda.REQUIRED_HEADERS:
+        (system / "include" / header).write_text("")
+    (system / "lib64").mkdir()
+    (system / "lib64" / "libcudart.so").write_text("")
+    cu13 = tmp_path / "site" / "nvidia" / "cu13"
+    (cu13 / "include" / "cccl").mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site")])
+    monkeypatch.setattr(nerfacc_cuda, "DEFAULT_CUDA_HOME", system)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    env = {"PATH": "/usr/bin", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "TORCH_CUDA_ARCH_LIST": "7.0;8.0;9.0"}
+    out = nerfacc_cuda.build_environment(env)
+    assert out == {"CUDA_HOME": str(system), "TORCH_CUDA_ARCH_LIST": "9.0",
+                   "PATH": os.pathsep.join([str(system / "bin"), str(Path(sys.executable).parent), "/usr/bin"])}
+    (system / "include" / "cusparse.h").unlink()  # an incomplete toolkit: pip's headers fill the gap
+    assert nerfacc_cuda.build_environment(env)["CPATH"].split(os.pathsep) == [str(cu13 / "include"),
+                                                                             str(cu13 / "include" / "cccl")]
 
 
 def test_build_directory_matches_torch(monkeypatch, tmp_path):
@@ -461,12 +489,95 @@ def test_gpu_check_exits_1_when_a_check_fails(tmp_path, monkeypatch):
     assert gc.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)]) == 0
 
 
-def test_syncs_are_counted_apart_by_who_makes_them():
+def test_syncs_are_attributed_by_their_stack():
+    """Each synchronisation's owner from the whole Python stack at the moment it happens (outermost first), not
+    from the file its warning names: nerfacc's sampler anywhere on the stack; the skip decision; the normals
+    pass, a known sync with its reason; a sync inside autograd's engine (the backward pass, which torch runs
+    under its own files); anything else under perpneg3d is its own, named by its innermost perpneg3d line."""
     gc = gpu_check_module()
-    counts = gc.classify_syncs([("/site-packages/nerfacc/estimators/occ_grid.py", 118),
-                                ("/site-packages/nerfacc/volrend.py", 40), ("/repo/perpneg3d/training/trainer.py", 211),
-                                ("/repo/perpneg3d/renderer/volume_renderer.py", 90)], ("trainer.py", 211))
-    assert counts == dict(nerfacc=2, skip_decision=1, own=1)
-    name, line = gc.skip_decision_line()
-    source = (ROOT / "perpneg3d" / "training" / name).read_text().splitlines()[line - 1]
+    skip = gc.skip_decision_line()
+    known = gc.known_syncs()
+    (normals_file, normals_line), = known
+    trainer = ("/repo/perpneg3d/training/trainer.py", 200)
+    stacks = {
+        "nerfacc": [trainer, ("/repo/perpneg3d/renderer/volume_renderer.py", 160),
+                    ("/site-packages/nerfacc/estimators/occ_grid.py", 118)],
+        "skip_decision": [trainer, ("/repo/perpneg3d/training/" + skip[0], skip[1])],
+        "known": [trainer, ("/repo/perpneg3d/renderer/" + normals_file, normals_line)],
+        "backward": [trainer, ("/site-packages/torch/_tensor.py", 625),
+                     ("/site-packages/torch/autograd/graph.py", 825)],
+        "own": [trainer, ("/repo/perpneg3d/renderer/volume_renderer.py", 90), ("/site-packages/torch/functional.py", 5)],
+    }
+    for expected, stack in stacks.items():
+        assert gc.classify_stack(stack, skip, known) == expected, expected
+    assert gc.own_site(stacks["own"]) == "volume_renderer.py:90"
+    source = (ROOT / "perpneg3d" / "training" / skip[0]).read_text().splitlines()[skip[1] - 1]
     assert "the step's one sync" in source
+    source = (ROOT / "perpneg3d" / "renderer" / normals_file).read_text().splitlines()[normals_line - 1]
+    assert "torch.nonzero" in source and "known sync: normals" in source
+
+
+def test_a_section_past_the_budget_is_stopped_and_incomplete_not_failed(tmp_path):
+    """Every section is capped by the budget left (plus GRACE_S for its child processes to end): one still running
+    then is stopped and reported incomplete, and the next are skipped; neither is a failed check."""
+    gc = gpu_check_module()
+    ran = []
+
+    def endless(args):
+        ran.append("endless")
+        while True:
+            time.sleep(0.01)
+
+    args = check_args(budget_s=0.2)
+    original, gc.GRACE_S = gc.GRACE_S, 0.1
+    try:
+        started = time.perf_counter()
+        report = gc.run_sections([("compile", endless), ("pytest_gpu", lambda a: ran.append("tests") or {})], args,
+                                 tmp_path)
+    finally:
+        gc.GRACE_S = original
+    assert ran == ["endless"] and time.perf_counter() - started < 5
+    assert report["compile"]["incomplete"].startswith("budget: stopped after 0 s")
+    assert report["pytest_gpu"]["skipped"].startswith("budget")
+    assert gc.failed_checks(report) == []
+
+
+def test_a_section_that_turns_cudnn_benchmark_on_leaves_it_as_it_was(tmp_path):
+    gc = gpu_check_module()
+    before = torch.backends.cudnn.benchmark
+    seen = []
+
+    def turns_on(args):
+        torch.backends.cudnn.benchmark = True
+        return {}
+
+    gc.run_sections([("step_benchmark", turns_on), ("refine", lambda a: seen.append(torch.backends.cudnn.benchmark)
+                                                    or {})], check_args(), tmp_path)
+    assert seen == [before] and torch.backends.cudnn.benchmark == before
+
+
+def test_a_pytest_section_cut_short_is_incomplete_with_its_output(monkeypatch):
+    gc = gpu_check_module()
+
+    def slow(*a, **kw):
+        raise subprocess.TimeoutExpired(a[0], kw["timeout"], output="collected 40 items\n....")
+
+    monkeypatch.setattr(gc.subprocess, "run", slow)
+    args = check_args(budget_s=30.0)
+    args.pytest_timeout, args.remaining = 240.0, lambda: 30.0
+    result = gc.gpu_tests(args)
+    assert result["ok"] is None and result["incomplete"] == "budget: stopped after 30 s"
+    assert result["log_tail"] == "collected 40 items\n...."
+    assert gc.failed_checks(dict(pytest_gpu=result)) == []
+
+
+def test_the_whole_step_is_timed_apart_from_the_phases():
+    """measure(): ms["step"] from steps timed whole (no synchronisation at the phase edges), the phase split
+    from a second pass whose total is ms["step_phased"]; the phases fit inside it."""
+    from perpneg3d.training.step_benchmark import build_setup, measure
+
+    result = measure(build_setup(TINY_TOY), steps=2, warmup=1)
+    ms = result["ms"]
+    assert ms["step"] > 0 and ms["step_phased"] > 0 and result["its"] == pytest.approx(1000 / ms["step"])
+    parts = sum(ms[k] for k in ("render", "prompts", "guidance", "backward", "optimizer"))
+    assert parts <= ms["step_phased"] * 1.001

@@ -50,6 +50,15 @@ class Probe:
     reason: str
     seconds: float = 0.0
     module: object | None = None
+    log_tail: str = ""  # a failed build's last LOG_TAIL_LINES lines of output (gpu_check's report keeps them)
+
+
+LOG_TAIL_LINES = 80
+
+
+def tail(output: str, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a command's output."""
+    return "\n".join(output.rstrip().splitlines()[-lines:])
 
 
 def build_directory(env: dict | None = None) -> Path:
@@ -136,25 +145,51 @@ def _pip_cudart() -> Path | None:
     return None
 
 
+def _missing_headers(home: Path) -> list[str]:
+    """REQUIRED_HEADERS that the toolkit at `home` does not hold itself (include/ or targets/*/include)."""
+    folders = [home / "include", *sorted(home.glob("targets/*/include"))]
+    return [h for h in REQUIRED_HEADERS if not any((d / h).is_file() for d in folders)]
+
+
+def device_arch() -> str | None:
+    """This machine's GPU's compute capability as TORCH_CUDA_ARCH_LIST wants it ("9.0"), or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        major, minor = torch.cuda.get_device_capability()
+    except (AssertionError, RuntimeError):  # a device that cannot be queried: torch's own arch list applies
+        return None
+    return f"{major}.{minor}"
+
+
 def build_environment(env: dict | None = None) -> dict[str, str]:
     """Variables the JIT build needs, found for both toolkit layouts (a system toolkit, /usr/local/cuda or
-    CUDA_HOME; pip's nvidia-cuda-* wheels): CUDA_HOME; its bin/ on PATH (nerfacc looks for nvcc there);
-    CPATH with pip's include folders (headers torch's build includes but a toolkit may lack); and
-    LIBRARY_PATH with a folder holding `libcudart.so`: torch links with -lcudart, and pip's runtime wheel
-    ships only libcudart.so.13, so a link to it is made next to the build folder."""
+    CUDA_HOME; pip's nvidia-cuda-* wheels): CUDA_HOME; its bin/ and this Python's folder (where pip puts
+    ninja, which a venv that is not activated leaves off PATH) on PATH; CPATH with pip's include folders when
+    the toolkit is pip's or lacks headers torch's build includes (a complete system toolkit is used alone:
+    its headers and pip's, of another CUDA release, were never compiled together); LIBRARY_PATH with a folder
+    holding `libcudart.so` (torch links with -lcudart, and pip's runtime wheel ships only libcudart.so.13, so a
+    link to it is made next to the build folder); and TORCH_CUDA_ARCH_LIST from this machine's GPU (one
+    architecture: building for every one torch knows takes several times longer)."""
     env = dict(os.environ if env is None else env)
     out: dict[str, str] = {}
+    arch = device_arch()
+    if arch is not None and env.get("TORCH_CUDA_ARCH_LIST") != arch:
+        out["TORCH_CUDA_ARCH_LIST"] = arch
     home = cuda_home(env)
     if home is None:
         return out
     out["CUDA_HOME"] = home
-    bin_dir = str(Path(home) / "bin")
-    if bin_dir not in env.get("PATH", "").split(os.pathsep):
-        out["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
-    includes = [str(p) for p in _pip_cuda_include_dirs()]
-    current = [p for p in env.get("CPATH", "").split(os.pathsep) if p]
-    if [p for p in includes if p not in current]:
-        out["CPATH"] = os.pathsep.join(current + [p for p in includes if p not in current])
+    path = env.get("PATH", "").split(os.pathsep)
+    wanted = [d for d in (str(Path(home) / "bin"), str(Path(sys.executable).parent)) if d not in path]
+    if wanted:
+        out["PATH"] = os.pathsep.join(wanted + [env.get("PATH", "")])
+    pip_toolkit = Path(home).resolve() in {d.resolve() for d in _pip_cuda_dirs()}
+    if pip_toolkit or _missing_headers(Path(home)):
+        includes = [str(p) for p in _pip_cuda_include_dirs()]
+        current = [p for p in env.get("CPATH", "").split(os.pathsep) if p]
+        if [p for p in includes if p not in current]:
+            out["CPATH"] = os.pathsep.join(current + [p for p in includes if p not in current])
     system_lib = any((Path(home) / lib / "libcudart.so").exists() for lib in ("lib64", "lib"))
     cudart = None if system_lib else _pip_cudart()
     if cudart is not None:
@@ -198,11 +233,10 @@ def toolkit_problems(env: dict | None = None, extra_include_dirs: list[Path] | N
     if not (home_path / "bin" / "nvcc").is_file():
         return [f"CUDA_HOME={home} has no bin/nvcc: point it at the toolkit folder (the one holding bin/nvcc "
                 "and include/), not at a wrapper's folder"]
-    searched = [home_path / "include", *sorted(home_path.glob("targets/*/include"))]
-    searched += [Path(p) for p in env.get("CPATH", "").split(os.pathsep) if p]
+    searched = [Path(p) for p in env.get("CPATH", "").split(os.pathsep) if p]
     extra = _pip_cuda_include_dirs() if extra_include_dirs is None else extra_include_dirs
     problems = []
-    for header in REQUIRED_HEADERS:
+    for header in _missing_headers(home_path):
         if any((d / header).is_file() for d in searched):
             continue
         elsewhere = [d for d in extra if (d / header).is_file()]
@@ -287,20 +321,22 @@ def build(timeout_s: float = 900.0) -> Probe:
         output, _ = child.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
+        output, _ = child.communicate()
         lock = stale_lock(build_directory())
         if lock is not None:
             lock.unlink(missing_ok=True)
         return Probe(False, f"build did not finish in {timeout_s:.0f} s (its processes killed; lock removed): run it "
-                           "again with a larger --timeout, or check nvcc and ninja", time.perf_counter() - start)
+                           "again with a larger --timeout, or check nvcc and ninja", time.perf_counter() - start,
+                     log_tail=tail(output or ""))
     seconds = time.perf_counter() - start
     if child.returncode == 0:
         return Probe(True, "built", seconds)
     if child.returncode == 3:
         return Probe(False, "nerfacc found no nvcc on PATH: " + (toolkit_problems(env) or ["install the CUDA toolkit"])[0],
-                     seconds)
+                     seconds, log_tail=tail(output))
     problems = toolkit_problems(env)
-    return Probe(False, f"build failed: {first_error(output)}" + (f" ({problems[0]})" if problems else ""), seconds)
+    return Probe(False, f"build failed: {first_error(output)}" + (f" ({problems[0]})" if problems else ""), seconds,
+                 log_tail=tail(output))
 
 
 def main(argv=None) -> int:

@@ -178,8 +178,9 @@ class VolumeRenderer(nn.Module):
         need_normals = with_normals or self.material.needs_normals(shading)
         normals = None
         if need_normals:
-            # normals only where a sample is visible: finite differences cost 6 density queries each
-            keep = torch.nonzero(weights.detach() > self.normal_weight_threshold).squeeze(-1)
+            # normals only where a sample is visible: finite differences cost 6 density queries each; the
+            # visible set's size is read on the host (a known sync, docs/gpu.md)
+            keep = torch.nonzero(weights.detach() > self.normal_weight_threshold).squeeze(-1)  # known sync: normals
             normals = torch.zeros_like(points).index_put((keep,), geometry.normals(points[keep]))
         color = self.material.shade(albedo, normals, points, lights[ray_ids], shading)
 

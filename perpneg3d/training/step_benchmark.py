@@ -1,13 +1,15 @@
 """Time training steps by phase, for scripts/benchmark_step.py and scripts/gpu_check.py.
 
 A configuration is composed exactly as train.py composes it (plus overrides), then `measure()` runs
-warm-up steps and timed steps through Trainer.train_step and reports ms per phase (render, prompts,
-encode, denoiser, backward, optimizer), it/s and peak memory (CUDA: allocator peaks; CPU: the
-process's peak RSS).
+warm-up steps and timed steps through Trainer.train_step and reports ms per step (whole steps, one
+synchronisation), ms per phase (a second pass that synchronises at each phase edge), it/s and peak
+memory (CUDA: allocator peaks after warm-up; CPU: the process's peak RSS).
 """
 from __future__ import annotations
 
+import gc
 import resource
+import time
 from dataclasses import dataclass
 
 import torch
@@ -76,26 +78,59 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return dict(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def measure(setup: StepSetup, steps: int, warmup: int) -> dict:
-    """Run warmup + steps training steps; ms per phase over the timed steps, it/s, peak memory."""
+def settle(device: torch.device) -> None:
+    """After warm-up: collect garbage, and on CUDA return cached blocks and restart the peak-memory count, so the
+    figures that follow are the timed steps' own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def whole_steps_ms(setup: StepSetup, run, first: int, steps: int) -> float:
+    """ms per training step over `steps` steps, timed as a whole: on CUDA two events around them and one
+    synchronisation at the end (a synchronisation per phase would stall a launch-bound step)."""
+    if setup.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for step in range(first, first + steps):
+            setup.trainer.train_step(step, run)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / steps
+    t0 = time.perf_counter()
+    for step in range(first, first + steps):
+        setup.trainer.train_step(step, run)
+    return 1000 * (time.perf_counter() - t0) / steps
+
+
+def measure(setup: StepSetup, steps: int, warmup: int, phases: bool = True) -> dict:
+    """warmup untimed steps, then `steps` steps timed whole (ms["step"], it/s), then (phases) `steps` more with
+    a synchronising timer at each phase edge, for the split by phase (render, prompts, encode, denoiser,
+    guidance_other, backward, optimizer; their sum is ms["step_phased"]); peak memory over the timed steps."""
     timer = PhaseTimer()
     guidance = setup.guidance
     real_denoiser = guidance.denoiser
-    guidance.denoiser = TimedDenoiser(real_denoiser, timer)
     run = setup.trainer.start(setup.geometry, setup.renderer, guidance, setup.prompts, setup.cameras, seed=0)
-    if setup.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(setup.device)
-    try:
-        for step in range(warmup + steps):
-            if step == warmup:
-                timer.reset()
-            with timer.phase("step"):
-                setup.trainer.train_step(step, run, timer)
-    finally:
-        guidance.denoiser = real_denoiser
-    ms = {k: 1000 * v / steps for k, v in timer.seconds.items()}
-    ms["guidance_other"] = ms.get("guidance", 0) - ms.get("encode", 0) - ms.get("denoiser", 0)
+    for step in range(warmup):
+        setup.trainer.train_step(step, run)
+    settle(setup.device)
+    step_ms = whole_steps_ms(setup, run, warmup, steps)
+    ms = {}
+    if phases:
+        guidance.denoiser = TimedDenoiser(real_denoiser, timer)
+        try:
+            for step in range(warmup + steps, warmup + 2 * steps):
+                with timer.phase("step"):
+                    setup.trainer.train_step(step, run, timer)
+        finally:
+            guidance.denoiser = real_denoiser
+        ms = {k: 1000 * v / steps for k, v in timer.seconds.items()}
+        ms["guidance_other"] = ms.get("guidance", 0) - ms.get("encode", 0) - ms.get("denoiser", 0)
+        ms["step_phased"] = ms.pop("step")
+    ms["step"] = step_ms
     from perpneg3d.training.run import describe
 
-    return dict(ms=ms, its=1000 / ms["step"], device=str(setup.device), geometry=describe(setup.geometry),
+    return dict(ms=ms, its=1000 / step_ms, device=str(setup.device), geometry=describe(setup.geometry),
                 renderer=setup.renderer.backend, skipped_steps=run.counters["nonfinite_steps"], **peak_memory_mb(setup.device))
