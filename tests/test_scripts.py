@@ -94,6 +94,20 @@ def test_benchmark_step_times_the_refine_stage():
     assert "| Perp-Neg (K=2) |" in proc.stdout
 
 
+def test_bench_tet_grid_compares_the_whole_box_with_the_fitted_one(tmp_path):
+    """Both grids of a resolution have the same vertices and tets (6 per cube); the fitted one's box is the
+    source surface's, smaller than the whole [-1, 1]^3 of the toy preset, so its cells are smaller."""
+    source = train(compose_train(TINY_TOY + ["trainer.max_steps=20", "trainer.ckpt_every=20", "threads=1", "~export"],
+                                 tmp_path))
+    proc = run("scripts/bench_tet_grid.py", str(source), "--resolutions", "12", "--steps", "1", "--warmup", "0")
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith(("| whole box", "| fitted"))]
+    assert [r[0] for r in rows] == ["| whole box", "| fitted"], proc.stdout
+    (whole, fitted) = rows
+    assert whole[1:4] == fitted[1:4] == ["12", "2,197", "10,368"]
+    assert whole[5] == "2.00 x 2.00 x 2.00" and all(float(e) < 2.0 for e in fitted[5].split(" x "))
+    assert float(fitted[6]) < float(whole[6]) == pytest.approx(2 / 12, abs=1e-4)
+
+
 def test_sample_2d_with_guidance_if(tiny_if_path, tmp_path):
     """The 2D sampler takes guidance=if like any prior: 32x32 pixel-space samples from the tiny IF."""
     run("scripts/sample_2d.py", "guidance=if", f"guidance.denoiser.pretrained_model_name_or_path={tiny_if_path}",

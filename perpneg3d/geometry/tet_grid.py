@@ -60,7 +60,7 @@ def build_tet_grid(resolution: int, radius: float = 1.0) -> TetGrid:
     vertices = (lattice.float() / resolution * 2 - 1) * radius
     # a cell's corner (0,0,0) as a vertex index, plus each tet corner's offset as an index step: the [T,4] result
     # is the only large tensor (a [cells,6,4,3] coordinate array would take 3 times its memory: 9.7 GB at 256)
-    cell = torch.arange(resolution)
+    cell = torch.arange(resolution, device="cpu")  # built on the CPU, cached on disk; buffers move with the module
     base = ((cell.view(-1, 1, 1) * n + cell.view(1, -1, 1)) * n + cell.view(1, 1, -1)).reshape(-1, 1, 1)
     offsets = _corner_offsets()
     step = (offsets[..., 0] * n + offsets[..., 1]) * n + offsets[..., 2]  # [6,4]

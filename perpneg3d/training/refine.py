@@ -23,7 +23,7 @@ from perpneg3d.training.resume_config import apply_changes, leaves, load_saved_c
 
 log = logging.getLogger(__name__)
 OWN_GROUPS = ("geometry", "renderer", "trainer")  # the stage's own, replacing the source's whole
-SEARCH_SCALES = 2.0 ** torch.linspace(-3, 1, 17)  # silhouette_level's candidates, times the export level
+SEARCH_SCALES = 2.0 ** torch.linspace(-3, 1, 17, device="cpu")  # silhouette_level's candidates (x the export level)
 
 
 def source_folder(refine: str) -> Path:
