@@ -20,14 +20,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one(source: str, resolution: int, fitted: bool, steps: int, warmup: int) -> dict:
+def one(source: str, resolution: int, fitted: bool, steps: int, warmup: int, init_level: str) -> dict:
     """Build the refine run of `source` at this grid, start it from the source surface, time its steps."""
     from omegaconf import OmegaConf
 
     from perpneg3d.training.refine import initialise, refine_config
     from perpneg3d.training.step_benchmark import build_setup, measure
 
-    overrides = [f"geometry.grid_resolution={resolution}", "trainer.progress=false",
+    overrides = [f"geometry.grid_resolution={resolution}", "trainer.progress=false", f"geometry.init_level={init_level}",
                  "geometry.fit_margin=" + ("0.1" if fitted else "null")]
     cfg = refine_config(OmegaConf.create({"refine": source}), overrides)
     setup = build_setup([], cfg=cfg)
@@ -51,11 +51,13 @@ def main(argv=None) -> int:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--init-level", default="silhouette", help="the start level (geometry.init_level): silhouette "
+                        "(the default, which searches 17 levels) or export (quicker, for large grids)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "resolution,fitted": a child's own run
     args = parser.parse_args(argv)
     if args.one:
         resolution, fitted = args.one.split(",")
-        print(json.dumps(one(args.source, int(resolution), fitted == "1", args.steps, args.warmup)))
+        print(json.dumps(one(args.source, int(resolution), fitted == "1", args.steps, args.warmup, args.init_level)))
         return 0
     print("| grid | cells per side | vertices | tets | grid memory (MB) | box (world units) | cell | surface faces | "
           "step (ms) | peak memory (MB) |")
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
     for resolution in args.resolutions:
         for fitted in (False, True):
             done = subprocess.run([sys.executable, __file__, args.source, "--one", f"{resolution},{int(fitted)}",
-                                   "--steps", str(args.steps), "--warmup", str(args.warmup)], cwd=ROOT,
+                                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--init-level",
+                                   args.init_level], cwd=ROOT,
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"| {'fitted' if fitted else 'whole box'} | {resolution} | failed: "
