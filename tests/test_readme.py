@@ -41,6 +41,8 @@ SKIPPED = {
     "python train.py -m 'prompt=\"a corgi standing\",\"a westie\"' seed=0,1,2 hydra/launcher=submitit_slurm "
     "hydra.launcher.partition=gpu hydra.launcher.timeout_min=240": "Stable Diffusion on a GPU partition; the SLURM "
                                                                   "path runs on a local cluster in tests/test_slurm.py",
+    "python scripts/bench_tet_grid.py outputs/toy/<timestamp>": "grids of 128 and 256 cells take tens of minutes on 2 "
+                                                                "cores; tests/test_scripts.py runs it at 12",
     "python scripts/slurm_local.py start": "tests/test_slurm.py starts the same cluster (slurm_local.start)",
     "export SLURM_CONF=/tmp/perpneg3d-slurm/slurm.conf": "tests/test_slurm.py sets SLURM_CONF for its commands",
     "python train.py -m seed=0,1 experiment=toy hydra/launcher=submitit_slurm hydra.launcher.partition=debug "
