@@ -99,7 +99,7 @@ def refine_overrides(overrides: list[str]) -> list[str]:
     if not refine or any(o.startswith("stage=") for o in overrides) or \
             any(o.startswith("resume=") and o.split("=", 1)[1] not in ("", "null") for o in overrides):
         return list(overrides)
-    from perpneg3d.training.refine import stage_of
+    from perpneg3d.saved_config import stage_of
 
     return list(overrides) + [f"stage={stage_of(refine[-1], overrides)}"]
 
@@ -112,7 +112,7 @@ def resume_overrides(overrides: list[str]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from perpneg3d.training.checkpoint import run_dir_of
+    from perpneg3d.checkpoint import run_dir_of
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     resume = [p.value() for p in parsed if p.key_or_group == "resume" and p.value()]

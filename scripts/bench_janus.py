@@ -27,7 +27,7 @@ from perpneg3d.config import compose_config, run_script
 from perpneg3d.errors import ConfigError, require
 from perpneg3d.images import make_grid, save_png
 from perpneg3d.renderer.orbit import render_rgb
-from perpneg3d.training.resume_config import is_safe, leaves
+from perpneg3d.saved_config import is_safe, leaves
 from perpneg3d.training.run_loading import load_run
 
 ROOT = Path(__file__).resolve().parents[1]

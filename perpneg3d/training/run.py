@@ -1,8 +1,7 @@
-"""Wires a composed config into a training run: components in order, the run folder, resume, outputs."""
+"""Runs a training job by its plan (training/plan.py): components in order, training, outputs, the refine stage after."""
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -10,30 +9,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from perpneg3d.config import compose_config, instantiate
 from perpneg3d.contracts import HasViewClassifier, device_of
-from perpneg3d.errors import ExportError, require
-from perpneg3d.prompts import validate_prompt
-from perpneg3d.run_dir import RunLock, check_writable, new_run_dir, write_atomic
+from perpneg3d.errors import ExportError
+from perpneg3d.run_dir import RunLock, write_atomic
+from perpneg3d.saved_config import leaves
 from perpneg3d.threads import apply_threads
-from perpneg3d.training.checkpoint import latest_valid_checkpoint, resolve_resume, run_dir_of, set_aside_later
+from perpneg3d.training.plan import RunPlan, plan_run
 from perpneg3d.training.preemption import Preempted
-from perpneg3d.training.resume_config import requeued_config, resumed_config
 
 log = logging.getLogger(__name__)
-
-
-def slug(text: str, limit: int = 48) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "run"
-
-
-def hydra_job_dir() -> Path | None:
-    """The job folder Hydra made for this job in a multirun (sweep) launch, else None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    return Path(hc.runtime.output_dir) if hc.mode == RunMode.MULTIRUN else None
 
 
 def command_line_overrides() -> list[str] | None:
@@ -41,44 +24,6 @@ def command_line_overrides() -> list[str] | None:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
-
-
-def prepare_run_dir(cfg: DictConfig, overrides: list[str] | None, lock: RunLock,
-                    into: Path | None = None) -> tuple[DictConfig, Path, dict | None]:
-    """(config, run folder, checkpoint state or None): resume=... and a requeued sweep job rebuild the
-    run from its own config.yaml (resume_config); otherwise a fresh folder and `cfg` as given. `into`: a
-    fixed folder (the refine stage of then_refine), treated as a sweep job's. The run folder is locked
-    (`lock`) before anything in it is read or moved."""
-    if cfg.resume:
-        if not Path(str(cfg.resume)).expanduser().exists():
-            resolve_resume(str(cfg.resume))  # raises its one line: no such run folder or checkpoint
-        run_dir = run_dir_of(str(cfg.resume))
-        check_writable(run_dir)
-        lock.acquire(run_dir)
-        run_dir, path, state = resolve_resume(str(cfg.resume))
-        cfg = resumed_config(cfg, run_dir, overrides, lambda o: compose_config("train", o))
-        require(cfg.trainer.max_steps >= state["step"],
-                f"trainer.max_steps={cfg.trainer.max_steps} is below the checkpoint's step {state['step']} ({path}): "
-                f"resume with trainer.max_steps={state['step']} or more, or from an earlier checkpoint")
-        moved = set_aside_later(run_dir, state["step"])
-        if moved is not None:
-            print(f"resuming from step {state['step']}: the later checkpoints and validation images were moved to "
-                  f"{moved}", flush=True)
-        log.info("resuming from %s (step %d)", path, state["step"])
-        return cfg, run_dir, state
-    job_dir = into if into is not None else hydra_job_dir()
-    if job_dir is not None:  # sweep job: Hydra's folder; a requeued job finds its own checkpoints there
-        job_dir.mkdir(parents=True, exist_ok=True)
-        check_writable(job_dir)
-        lock.acquire(job_dir)
-        found = latest_valid_checkpoint(job_dir)
-        if found is not None:
-            cfg = requeued_config(cfg, job_dir)
-            log.info("requeued job: resuming from %s", found[0])
-        return cfg, job_dir, (found[1] if found else None)
-    run_dir = new_run_dir(Path(cfg.out_dir) / (cfg.name or slug(cfg.prompt)))
-    lock.acquire(run_dir)
-    return cfg, run_dir, None
 
 
 def describe(geometry) -> str:
@@ -107,8 +52,6 @@ def janus_evaluator(cfg: DictConfig, denoiser, cameras, run_dir: Path):
 def export_command(cfg: DictConfig, run_dir: Path, fixes: tuple[str, ...] = ()) -> str:
     """The scripts/export.py command that exports this run as it was configured (the export.* values
     that differ from the script's defaults), with `fixes` (export.key=value) on top."""
-    from perpneg3d.training.resume_config import leaves
-
     default = leaves(compose_config("export", [])["export"])
     wanted = {k: v for k, v in leaves(cfg.export).items() if default.get(k) != v}
     wanted.update(f.removeprefix("export.").split("=", 1) for f in fixes)
@@ -120,34 +63,30 @@ def export_command(cfg: DictConfig, run_dir: Path, fixes: tuple[str, ...] = ()) 
 def train(cfg: DictConfig, overrides: list[str] | None = None, into: Path | None = None) -> Path:
     """Run (or resume) one training job; returns its run folder (with then_refine, the refine stage's).
     overrides: the command line's (default: Hydra's, under train.py); None outside Hydra, when a resume
-    compares all of `cfg`. into: train in this folder (resuming what it holds) instead of a new one."""
+    compares all of `cfg`. into: train in this folder (resuming what it holds) instead of a new one.
+    What kind of start it is, and what it needs, is decided once (training/plan.py); the rest follows the plan."""
     overrides = overrides if overrides is not None else command_line_overrides()
-    if cfg.get("refine") and not cfg.get("resume"):  # a new second-stage run: the source run's config plus the stage's
-        from perpneg3d.training.refine import refine_config
-
-        cfg = refine_config(cfg, overrides or [])
-    validate_prompt(cfg.prompt)
-    require(isinstance(cfg.seed, int), f"seed={cfg.seed!r} must be an integer")
     with RunLock() as lock:
-        cfg, run_dir, state = prepare_run_dir(cfg, overrides, lock, into)
-        finished = state is not None and state["step"] >= cfg.trainer.max_steps and (run_dir / "metrics.json").is_file()
-        if cfg.get("then_refine") and finished:  # a requeued two-stage job whose first stage is done
-            log.info("%s finished its first stage earlier: on to the refine stage", run_dir)
-        else:
-            run_dir = _train_in(cfg, run_dir, state)
-    if cfg.get("then_refine") and not cfg.get("refine"):
-        return refine_after(run_dir, list(cfg.get("refine_overrides") or []))
-    return run_dir
+        plan = plan_run(cfg, overrides, lock, into)
+        if plan.trains:
+            _train_in(plan)
+        else:  # a requeued two-stage job whose first stage is done
+            log.info("%s finished its first stage earlier: on to the refine stage", plan.run_dir)
+    if plan.then_refine is not None:
+        return refine_after(plan)
+    return plan.run_dir
 
 
-def refine_after(run_dir: Path, overrides: list[str]) -> Path:
+def refine_after(plan: RunPlan) -> Path:
     """then_refine: the refine stage of a finished run in <run>/refine (resumed if it holds checkpoints, so a
-    requeued sweep job finishes both stages): the stage's config with `overrides` (refine_overrides)."""
-    return train(OmegaConf.create({"refine": str(run_dir), "resume": None}), overrides, into=run_dir / "refine")
+    requeued sweep job finishes both stages): the stage's config with the plan's refine_overrides."""
+    return train(OmegaConf.create({"refine": str(plan.run_dir), "resume": None}), plan.then_refine,
+                 into=plan.run_dir / "refine")
 
 
-def _train_in(cfg: DictConfig, run_dir: Path, state: dict | None) -> Path:
-    """Build the parts and train in the locked run folder (train())."""
+def _train_in(plan: RunPlan) -> Path:
+    """Build the parts and train in the plan's locked run folder (train())."""
+    cfg, run_dir, state = plan.cfg, plan.run_dir, plan.state
     apply_threads(cfg.get("threads", "auto"))
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
@@ -157,7 +96,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, state: dict | None) -> Path:
     geometry = instantiate(cfg.geometry)
     renderer = instantiate(cfg.renderer)
     exporter = instantiate(cfg.export) if cfg.get("export") and "_target_" in cfg.export else None
-    if cfg.get("refine") and state is None:
+    if plan.initialises:
         from perpneg3d.training.refine import initialise
 
         initialise(geometry, renderer, cfg)

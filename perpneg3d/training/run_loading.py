@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from perpneg3d.config import instantiate
 from perpneg3d.errors import CheckpointError, ConfigError
-from perpneg3d.training.checkpoint import resolve_resume
+from perpneg3d.checkpoint import resolve_resume
 
 
 def load_run(run: str | Path, device: str = "cpu"):

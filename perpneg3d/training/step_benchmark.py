@@ -49,7 +49,7 @@ def refine_config(overrides: list[str]):
     costs (the mesh's size aside). geometry.* and trainer.* overrides apply to the stage's."""
     from omegaconf import OmegaConf
 
-    from perpneg3d.training.refine import staged_config, with_overrides
+    from perpneg3d.training.plan import staged_config, with_overrides
 
     own = ("stage=", "geometry.", "trainer.")
     stage = [o.split("=", 1)[1] for o in overrides if o.startswith("stage=")][-1]

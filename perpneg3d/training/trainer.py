@@ -16,7 +16,7 @@ from perpneg3d.errors import ExportError, NumericalError, PerpNegError, require
 from perpneg3d.random_streams import RandomStreams
 from perpneg3d.run_dir import write_atomic
 from perpneg3d.schedules import ramp
-from perpneg3d.training.checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
+from perpneg3d.checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
 from perpneg3d.training.preemption import Preempted, PreemptionHandler
 from perpneg3d.training.progress import Progress
 from perpneg3d.training.timing import NULL_TIMER, PhaseTimer
