@@ -75,6 +75,15 @@ class HasImageSize(Protocol):
 
 
 @runtime_checkable
+class LinearTextEmbedding(Protocol):
+    """A prior whose log-prior is linear in a bag-of-words text embedding (the toy prior): there, moving an
+    embedding along e(view text) - e(prompt) is exactly a product of experts, so embedding-space view emphasis
+    (prompts.view_emphasis) means what score-space emphasis means. False or absent: refused."""
+
+    linear_text_embedding: bool
+
+
+@runtime_checkable
 class HasViewClassifier(Protocol):
     """A prior that can say which view an image shows (the toy world): Janus metrics use it instead of CLIP."""
 

@@ -43,6 +43,11 @@ def test_azimuth_curriculum_widens_from_the_front_view():
 
 
 class ToyEmbedder:
+    """The toy prior's text side alone: a bag-of-words encoder, so it declares contracts.LinearTextEmbedding (the
+    embedding-space emphasis is refused for a prior that does not: tests/test_emphasis.py)."""
+
+    linear_text_embedding = True
+
     def __init__(self):
         self.encoder = ToyTextEncoder()
 

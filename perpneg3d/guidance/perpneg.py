@@ -36,6 +36,8 @@ def combine(
     *,
     neg_factor: Tensor | None = None,
     alignment: bool = False,
+    eps_prompt: Tensor | None = None,
+    emphasis: float = 1.0,
 ) -> Tensor:
     """Combine unconditional, positive and K negative noise predictions into one.
 
@@ -57,6 +59,11 @@ def combine(
     alignment=True (cebm, perpneg) scales w_k by ||perp(d_neg_k, d_pos)|| / ||d_neg_k||, the share of
     the negative direction that survives the projection, so a negative almost parallel to the
     positive does not get its full weight on a tiny residual.
+
+    View emphasis in score space (docs/method.md, "View emphasis"): with eps_prompt [B,...], the prediction
+    for the prompt without view words, every view-conditioned prediction (the positive and each negative) is
+    first replaced by eps_prompt + emphasis * (eps_c - eps_prompt), the score of p(x | prompt)^(1 - w)
+    p(x | view text)^w; the combination above then runs on those. The unconditional prediction is untouched.
     """
     if mode not in MODES:
         raise ConfigError(f"unknown guidance mode '{mode}': use one of {', '.join(MODES)}")
@@ -72,6 +79,11 @@ def combine(
             got = None if neg_weights is None else tuple(neg_weights.shape)
             raise ValueError(f"neg_weights must be [B,K] = {(batch, num_neg)}, got {got}")
         eps_neg = eps_neg.float()
+    if eps_prompt is not None:
+        eps_prompt = eps_prompt.float()
+        eps_pos = eps_prompt + emphasis * (eps_pos - eps_prompt)
+        if num_neg:
+            eps_neg = eps_prompt.unsqueeze(1) + emphasis * (eps_neg - eps_prompt.unsqueeze(1))
 
     if mode == "negprompt":
         base = eps_uncond
@@ -112,23 +124,27 @@ def time_factor(t: Tensor, num_train_timesteps: int, ramp: tuple[float, float] |
 
 def guided_eps(denoiser, x_t: Tensor, t: Tensor, text_emb: Tensor, neg_weights: Tensor | None, scale: float,
                mode: str = "perpneg", neg_time_ramp: tuple[float, float] | None = None,
-               alignment: bool = False, neg_gain: float = 1.0) -> Tensor:
+               alignment: bool = False, neg_gain: float = 1.0, emphasis: float = 1.0) -> Tensor:
     """Every prompt of a step in one batched denoiser call, split into blocks and combined.
 
     x_t [B,...] noisy latents, t [B] timesteps, text_emb [(2+K)*B, ...] in the block layout
     [uncond | pos | neg_1 .. neg_K] (each block the B samples in order), neg_weights [B,K], each
-    multiplied by neg_gain * f(t) (time_factor).
+    multiplied by neg_gain * f(t) (time_factor). emphasis != 1 (score-space view emphasis, combine()):
+    text_emb has one more block, the prompt without view words, last: [(3+K)*B, ...].
     Used by score distillation (sds.py) and the 2D sampler (ddim_sampler.py) alike. Returns the
     combined eps [B,...] in float32.
     """
     batch = x_t.shape[0]
     num_blocks = text_emb.shape[0] // batch
-    if num_blocks < 2 or num_blocks * batch != text_emb.shape[0]:
-        raise ValueError(f"text_emb has {text_emb.shape[0]} rows for {batch} samples: need (2+K)*B")
+    extra = int(emphasis != 1.0)  # the prompt's block
+    if num_blocks < 2 + extra or num_blocks * batch != text_emb.shape[0]:
+        raise ValueError(f"text_emb has {text_emb.shape[0]} rows for {batch} samples: need ({2 + extra}+K)*B")
     reps = (num_blocks,) + (1,) * (x_t.dim() - 1)
     eps_all = denoiser.eps(x_t.repeat(reps), t.repeat(num_blocks), text_emb)
     eps_all = eps_all.float().reshape(num_blocks, batch, *x_t.shape[1:])
-    eps_neg = eps_all[2:].transpose(0, 1) if num_blocks > 2 else None
+    num_neg = num_blocks - 2 - extra
+    eps_neg = eps_all[2:2 + num_neg].transpose(0, 1) if num_neg else None
     factor = time_factor(t, denoiser.num_train_timesteps, neg_time_ramp, neg_gain)
-    return combine(eps_all[0], eps_all[1], eps_neg, neg_weights if num_blocks > 2 else None, scale, mode,
-                   neg_factor=factor, alignment=alignment)
+    return combine(eps_all[0], eps_all[1], eps_neg, neg_weights if num_neg else None, scale, mode,
+                   neg_factor=factor, alignment=alignment, eps_prompt=eps_all[-1] if extra else None,
+                   emphasis=emphasis)

@@ -109,7 +109,7 @@ class ScoreDistillation:
             x_t = add_noise(den, latents.detach(), noise, t)
             neg_w = prompts.neg_weights.to(latents.device) if prompts.num_neg else None
             eps_hat = guided_eps(den, x_t, t, prompts.text_emb, neg_w, self.guidance_scale, self.mode,
-                                 self.neg_time_ramp, self.neg_alignment, self.neg_gain)
+                                 self.neg_time_ramp, self.neg_alignment, self.neg_gain, prompts.emphasis)
             w = 1 - den.alphas_cumprod.to(latents.device)[t] if self.weighting == "sds" else torch.ones(batch, device=latents.device)
             grad = w.float().view(-1, *([1] * (latents.dim() - 1))) * (eps_hat - noise)
             # non-finite entries are zeroed and the rest of the batch still trains (threestudio does

@@ -65,6 +65,12 @@ class ToyPrior:
         self.caption_emb = self.text_encoder(dataset.captions).to(self.device)  # [M, E]
         self.known = [base_name(o) for o in dataset.objects]
 
+    @property
+    def linear_text_embedding(self) -> bool:
+        """log_prior is linear in the text embedding (a dot product with the captions' before the softmax), and
+        the toy encoder is a bag of words: contracts.LinearTextEmbedding."""
+        return bool(getattr(self.text_encoder, "bag_of_words", False))
+
     # -- denoiser interface ---------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return (3, self.image_size, self.image_size)

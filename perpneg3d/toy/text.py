@@ -49,6 +49,8 @@ def object_of(text: str) -> str | None:
 class ToyTextEncoder:
     """Maps texts to [N, dim + 3] vectors; <e(p), e(c)> is large when p and c name the same things."""
 
+    bag_of_words = True  # e(text) is the sum of its words' vectors (order and position play no part)
+
     @validated("guidance.denoiser.text_encoder")
     def __init__(self, dim: PositiveInt = 64, object_weight: NonNegativeFloat = 1.0, view_weight: NonNegativeFloat = 0.2,
                  other_weight: NonNegativeFloat = 0.05):
