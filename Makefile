@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 WHEEL_PYTHON ?= 3.12
 NODE_PACKAGES ?=
 
-.PHONY: demo test test-gpu gpu-check cuda-python nerfacc-build wheelhouse install slurm-packages gpu-rehearsal
+.PHONY: demo test test-gpu gpu-check cuda-python nerfacc-build wheelhouse install slurm-packages chromium gpu-rehearsal
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,browser]"
 	$(BIN)/python -m pip install -q --no-deps clip-anytorch==2.6.0
 	touch $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP)
 # Debian's SLURM + munge for the tests marked `slurm` (root and apt-get; else one line says why not)
 slurm-packages:
 	bash scripts/install_slurm.sh
+
+# Debian's Chromium for the tests marked `browser` (the gallery page; root and apt-get; else one line says why not)
+chromium:
+	bash scripts/install_chromium.sh
 
 # Fails (no false green) when $(PYTHON)'s torch sees no CUDA device.
 cuda-python:

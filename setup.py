@@ -39,6 +39,8 @@ setup(
         # clip-anytorch (the real CLIP BPE vocabulary for the tiny test pipeline) is installed
         # with --no-deps by the Makefile: its declared deps would pull torchvision.
         "test": ["pytest>=7"],
+        # the gallery's tests drive the system's Chromium (scripts/install_chromium.sh) with Playwright
+        "browser": ["playwright>=1.40"],
         # nvdiffrast's CUDA rasterizer for the refine stage (its kernels build on first use; NVIDIA's
         # non-commercial licence, so optional: without it meshes are rasterized in torch)
         "nvdiffrast": ["diffrp-nvdiffrast==0.3.3"],

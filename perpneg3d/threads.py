@@ -2,7 +2,7 @@
 
 torch uses every core by default. Two local sweep jobs (hydra/launcher=submitit_local) on a 2-core
 machine then run 4 threads on 2 cores, and each step takes several times longer than alone
-(README, sweeps). threads=auto gives each job its share:
+(README, "Sweeps"; measured in docs/benchmarks.md). threads=auto gives each job its share:
 
 - under SLURM, the cores the job was given (SLURM_CPUS_PER_TASK);
 - in a local submitit job, hydra.launcher.cpus_per_task when set, else the machine's cores divided

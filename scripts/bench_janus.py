@@ -25,6 +25,7 @@ from scipy.stats import binomtest
 
 from perpneg3d.config import compose_config, run_script
 from perpneg3d.errors import ConfigError, require
+from perpneg3d.gallery import write_gallery
 from perpneg3d.images import make_grid, save_png
 from perpneg3d.renderer.orbit import render_rgb
 from perpneg3d.saved_config import is_safe, leaves
@@ -198,6 +199,7 @@ def main(cfg) -> None:
                                                indent=2))
     montage(rows, methods, out / "montage.png")
     print(f"wrote bench.md, bench.csv, bench.json and montage.png to {out}")
+    print(f"gallery: {write_gallery(out)}")  # every run to look at, bench.md on top
 
 
 if __name__ == "__main__":

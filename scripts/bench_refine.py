@@ -27,6 +27,7 @@ from perpneg3d.errors import ConfigError, require
 from perpneg3d.evaluation.classifiers import DEFAULT_CLIP
 from perpneg3d.evaluation.janus import classifier_camera, janus_metrics
 from perpneg3d.evaluation.mesh_quality import MeshSurface, mesh_quality
+from perpneg3d.gallery import write_gallery
 from perpneg3d.images import make_grid, save_png
 from perpneg3d.renderer import MeshRenderer, SolidBackground
 from perpneg3d.renderer.orbit import render_rgb
@@ -146,6 +147,7 @@ def main(cfg) -> None:
     save_png(make_grid(grid.transpose(0, 1).reshape(-1, *grid.shape[2:]), nrow=len(tiles),
                        upscale=max(1, 64 // grid.shape[-1])), out / "montage.png")
     print(f"wrote bench.md, bench.csv, bench.json and montage.png to {out}")
+    print(f"gallery: {write_gallery(out)}")  # every run to look at, bench.md on top
 
 
 if __name__ == "__main__":

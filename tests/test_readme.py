@@ -1,5 +1,5 @@
-"""README is executable: every shell command in its code blocks runs here (offline, CPU, with a short
-step count where it trains) or is in SKIPPED with the reason. A command added to README is then
+"""README is executable: every shell command in its code blocks (and in docs/*.md's) runs here (offline, CPU,
+with a short step count where it trains) or is in SKIPPED with the reason. A command added to README is then
 tested, or skipped on purpose; a command in SKIPPED that README no longer has fails the test too."""
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ SKIPPED = {
                                                                   "path runs on a local cluster in tests/test_slurm.py",
     "python scripts/bench_tet_grid.py outputs/toy/<timestamp>": "grids of 128 and 256 cells take tens of minutes on 2 "
                                                                 "cores; tests/test_scripts.py runs it at 12",
+    "python -m perpneg3d.renderer.nerfacc_cuda --build": "compiles CUDA kernels: needs nvcc and CUDA's headers; "
+                                                         "make gpu-rehearsal builds them with pip's toolkit",
+    "python scripts/gpu_check.py --device cpu --tiny --out /tmp/check": "tests/test_gpu_check.py runs this check "
+                                                                         "(about 100 s) and asserts its report",
     "python scripts/slurm_local.py start": "tests/test_slurm.py starts the same cluster (slurm_local.start)",
     "export SLURM_CONF=/tmp/perpneg3d-slurm/slurm.conf": "tests/test_slurm.py sets SLURM_CONF for its commands",
     "python train.py -m seed=0,1 experiment=toy hydra/launcher=submitit_slurm hydra.launcher.partition=debug "
@@ -67,22 +71,25 @@ REFINE_TINY = ["geometry.grid_resolution=16", "trainer.max_steps=3", "trainer.va
 
 
 def readme_commands() -> list[str]:
-    """Every command of README's ```bash blocks: continuation lines joined, comments dropped."""
-    commands, block = [], None
-    for line in (ROOT / "README.md").read_text().splitlines():
-        if line.startswith("```"):
-            block = [] if line.strip() == "```bash" and block is None else None
-            continue
-        if block is None:
-            continue
-        text = re.sub(r"\s+#\s.*$", "", line).strip()
-        if not text or text.startswith("#"):
-            continue
-        if commands and commands[-1].endswith("\\"):
-            commands[-1] = commands[-1][:-1].rstrip() + " " + text
-        else:
-            commands.append(text)
-    return commands
+    """Every command of the ```bash blocks of README and docs/*.md, once: continuation lines joined, comments
+    dropped."""
+    commands = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        block = None
+        for line in page.read_text().splitlines():
+            if line.startswith("```"):
+                block = [] if line.strip() == "```bash" and block is None else None
+                continue
+            if block is None:
+                continue
+            text = re.sub(r"\s+#\s.*$", "", line).strip()
+            if not text or text.startswith("#"):
+                continue
+            if commands and commands[-1].endswith("\\"):
+                commands[-1] = commands[-1][:-1].rstrip() + " " + text
+            else:
+                commands.append(text)
+    return list(dict.fromkeys(commands))
 
 
 COMMANDS = readme_commands()

@@ -32,7 +32,7 @@ from perpneg3d.validation import PositiveFloat, PositiveInt, Probability, valida
 
 log = logging.getLogger(__name__)
 FORMATS = ("glb", "obj", "ply")
-# Peak memory of an export, measured by scripts/benchmark_export.py (README, export): the fine
+# Peak memory of an export, measured by scripts/benchmark_export.py (docs/benchmarks.md, "Speed"): the fine
 # grid's passes hold about this many bytes per voxel at once, above the process's own footprint.
 BYTES_PER_VOXEL = 28
 BASE_BYTES = 1 << 30
