@@ -25,8 +25,10 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/python train.py experiment=toy
 
+# two workers, a test file each at a time (module fixtures stay whole); the SLURM tests, which mostly wait on the
+# local cluster, are handed out first (tests/conftest.py), so the other files run beside them
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # Debian's SLURM + munge for the tests marked `slurm` (root and apt-get; else one line says why not)
 slurm-packages:

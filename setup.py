@@ -38,7 +38,7 @@ setup(
     extras_require={
         # clip-anytorch (the real CLIP BPE vocabulary for the tiny test pipeline) is installed
         # with --no-deps by the Makefile: its declared deps would pull torchvision.
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "pytest-xdist>=3"],   # make test runs the suite in 2 workers
         # the gallery's tests drive the system's Chromium (scripts/install_chromium.sh) with Playwright
         "browser": ["playwright>=1.40"],
         # nvdiffrast's CUDA rasterizer for the refine stage (its kernels build on first use; NVIDIA's

@@ -15,6 +15,12 @@ os.environ.setdefault("PERPNEG3D_CACHE", tempfile.mkdtemp(prefix="perpneg3d-test
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slurm first (a stable sort): they mostly wait on the local cluster's jobs, so under
+    `make test`'s two workers the other files run beside them instead of after them."""
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> Path:
     """A tiny random Stable Diffusion folder, built once per test session."""
