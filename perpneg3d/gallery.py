@@ -32,7 +32,7 @@ SKIP_DIRS = {"gallery", ".gallery.new", ".gallery.old", "ckpts", "val", "tb", "a
 NOT_OVERRIDES = ("out_dir", "resume", "refine", "hydra.")  # paths and bookkeeping, not choices
 COPIED = ("turntable.mp4", "turntable.png", "janus_strip.png", "mesh.glb", "config.yaml", "metrics.json")
 MISSING = {
-    "turntable.mp4": "no turntable video (the run has not finished, or it ran with ~export / was interrupted)",
+    "turntable.mp4": "no turntable video (the run has not finished: the turntable is rendered at its end)",
     "val": "no validation grid yet (trainer.val_every was not reached)",
     "janus_strip.png": "no Janus strip (evaluate_janus found no view classifier for this prior)",
     "mesh.glb": "no mesh.glb (export off, or not reached)",
