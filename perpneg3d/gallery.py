@@ -29,7 +29,7 @@ from perpneg3d.saved_config import leaves
 log = logging.getLogger(__name__)
 
 SKIP_DIRS = {"gallery", ".gallery.new", ".gallery.old", "ckpts", "val", "tb", "abandoned", ".submitit", ".hydra"}
-NOT_OVERRIDES = ("out_dir", "resume", "refine", "hydra.")  # paths and bookkeeping, not choices
+NOT_OVERRIDES = ("out_dir", "resume", "refine")  # paths, not choices (refine_overrides and the rest are)
 COPIED = ("turntable.mp4", "turntable.png", "janus_strip.png", "mesh.glb", "config.yaml", "metrics.json")
 MISSING = {
     "turntable.mp4": "no turntable video (the run has not finished: the turntable is rendered at its end)",
@@ -68,7 +68,7 @@ def mesh_faces(path: Path) -> int | None:
     return int(sum(len(g.faces) for g in scene.geometry.values()))
 
 
-def load_run(folder: Path, root: Path) -> Run:
+def read_run(folder: Path, root: Path) -> Run:
     cfg = OmegaConf.load(folder / "config.yaml")
     metrics = folder / "metrics.json"
     return Run(folder, str(folder.relative_to(root)) if folder != root else ".", leaves(cfg),
@@ -83,9 +83,9 @@ def find_runs(root: Path) -> list[Run]:
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
         folder = Path(dirpath)
         if "config.yaml" in filenames and not (folder.name == "refine" and (folder.parent / "config.yaml").is_file()):
-            run = load_run(folder, root)
+            run = read_run(folder, root)
             if (folder / "refine" / "config.yaml").is_file():
-                run.stage = load_run(folder / "refine", root)
+                run.stage = read_run(folder / "refine", root)
             found.append(run)
     return sorted(found, key=lambda r: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in r.name.split("/")])
 
@@ -95,7 +95,7 @@ def varying(runs: list[Run]) -> list[str]:
     keys = sorted({k for r in runs for k in r.config})
     out = []
     for k in keys:
-        if k.startswith(NOT_OVERRIDES) or k in NOT_OVERRIDES:
+        if k in NOT_OVERRIDES:  # leaves() has already dropped hydra's own keys
             continue
         if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1:
             out.append(k)

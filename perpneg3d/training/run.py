@@ -84,7 +84,7 @@ def refine_after(plan: RunPlan) -> Path:
                  into=plan.run_dir / "refine")
 
 
-def _train_in(plan: RunPlan) -> Path:
+def _train_in(plan: RunPlan) -> None:
     """Build the parts and train in the plan's locked run folder (train())."""
     cfg, run_dir, state = plan.cfg, plan.run_dir, plan.state
     apply_threads(cfg.get("threads", "auto"))
@@ -125,4 +125,3 @@ def _train_in(plan: RunPlan) -> Path:
     janus = metrics.get("janus")
     summary = f" | front_share {janus['front_share']:.2f} view_acc_aligned {janus['view_acc_aligned']:.2f}" if janus else ""
     print(f"done: {run_dir} ({metrics['seconds_per_step'] * 1000:.0f} ms/step){summary}")
-    return run_dir
