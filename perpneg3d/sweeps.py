@@ -49,6 +49,9 @@ class OneLineJobs:
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         if self._EXECUTOR == "slurm":
             use_squeue_without_accounting()
+            line = early_signal_warning(self.params.get("timeout_min"), self.params.get("signal_delay_s"))
+            if line:
+                log.warning(line)
         results = super().launch(job_overrides, initial_job_idx)  # waits for every job
         failed = [(initial_job_idx + i, r) for i, r in enumerate(results) if r.status == JobStatus.FAILED]
         if failed:
@@ -59,6 +62,22 @@ class OneLineJobs:
                   f"(job logs: {self.params['submitit_folder'].replace('%j', '<job id>')})", file=sys.stderr, flush=True)
             raise SystemExit(2)  # as for any user mistake: this line, no traceback (Hydra reports other exceptions)
         return results
+
+
+SIGNAL_MARGIN_S = 120  # SLURM may send --signal up to 60 s early, and a job needs time to start before it can catch it
+
+
+def early_signal_warning(timeout_min, signal_delay_s) -> str | None:
+    """A line when SLURM's warning signal may reach a job before it can catch it: submitit's handler is installed
+    only once the job has loaded (a job signalled earlier ends FAILED, not requeued)."""
+    if timeout_min is None or signal_delay_s is None:
+        return None
+    into = 60 * float(timeout_min) - float(signal_delay_s)
+    if into >= SIGNAL_MARGIN_S:
+        return None
+    return (f"hydra.launcher.timeout_min={timeout_min} with signal_delay_s={signal_delay_s}: SLURM sends the requeue "
+            f"signal {into:.0f} s into each job, or up to 60 s earlier, possibly while the job is still starting "
+            f"(it then ends FAILED, not requeued): give each job at least signal_delay_s + {SIGNAL_MARGIN_S} s")
 
 
 def accounting_disabled() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -93,31 +94,69 @@ def final_table(run: Path) -> torch.Tensor:
     return next(v for k, v in state["geometry"].items() if k.endswith("embeddings"))
 
 
+def progress_step(run: Path) -> int:
+    try:
+        return int(json.loads((run / "progress.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):  # not written yet, or being replaced
+        return -1
+
+
+def wait_for(what: str, check, proc: subprocess.Popen, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep ended (exit {proc.returncode}) while waiting for {what}: "
+                                 f"{proc.stderr.read()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def test_preempted_job_is_requeued_and_resumes_exactly(cluster, tmp_path):
-    """timeout_min=1 with signal_delay_s=45: SLURM signals the job (USR2) 15-45 s into each run; it
-    checkpoints, submitit requeues it, it resumes from that checkpoint, until all steps are done. The
-    result equals the same run uninterrupted (one thread, as the job's cpus_per_task=1 gives)."""
-    run = ["seed=0", "experiment=toy", *TINY, "trainer.max_steps=4000", "trainer.ckpt_every=100000",
+    """SLURM's warning signal (USR2, as `--signal` sends it before a time limit and a preemption does), sent with
+    scancel twice once the job has trained 100 steps past its start: each time the job checkpoints, submitit
+    requeues it and it resumes from that checkpoint. The result equals the same run uninterrupted (one thread, as
+    the job's cpus_per_task=1 gives). The test sends the signal itself, after the job's first progress report, so
+    it never lands while the job is still starting (SLURM may send a time limit's signal up to a minute early)."""
+    run = ["seed=0", "experiment=toy", *TINY, "trainer.max_steps=800", "trainer.ckpt_every=100000",
            "trainer.val_every=100000"]
-    reference = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *run[:1], *run[1:], "threads=1",
+    reference = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *run, "threads=1",
                                   f"out_dir={tmp_path}", "name=reference"], cwd=ROOT, env=cluster["env"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = time.time()
-    done = sweep(cluster, tmp_path, *run, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=45",
-                 "hydra.launcher.max_num_timeout=5", timeout=900)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", *run, *LAUNCHER, f"out_dir={tmp_path}",
+                             "hydra.launcher.timeout_min=30", "hydra.launcher.max_num_timeout=5"], cwd=ROOT,
+                            env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = tmp_path / "multirun"
+    run_dir = wait_for("the job's folder", lambda: next(job.glob("*/0"), None), proc)
+    signalled = []
+    for n in range(2):
+        since = signalled[-1] if signalled else 0
+        step = wait_for(f"100 steps after {since}", lambda: (s := progress_step(run_dir)) >= since + 100 and s, proc)
+        job_id = subprocess.run(["squeue", "--noheader", "--format=%i", "--states=RUNNING"], env=cluster["env"],
+                                capture_output=True, text=True, timeout=30).stdout.split()
+        assert len(job_id) == 1, job_id
+        subprocess.run(["scancel", "--signal=USR2", job_id[0]], env=cluster["env"], check=True, timeout=30)
+        signalled.append(step)
+        if n == 0:  # the requeued job's first progress report comes from its resumed segment
+            wait_for("the requeued job", lambda: "requeued job: resuming" in job_logs(run_dir.parent), proc)
+    out, err = proc.communicate(timeout=600)
     seconds = time.time() - started
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert proc.returncode == 0, err[-3000:]
     assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
-    sweep_dir = next((tmp_path / "multirun").iterdir())
-    log = job_logs(sweep_dir)
+    log = job_logs(run_dir.parent)
     stopped = [int(s) for s in re.findall(r"stopped at step (\d+); checkpoint", log)]
     resumed = [int(s) for s in re.findall(r"requeued job: resuming from \S+/step_(\d+)\.ckpt", log)]
-    print(f"preemption: {len(resumed)} requeues, segments ended at {stopped}, {seconds:.0f} s")
-    assert len(resumed) >= 1 and resumed == stopped  # each segment resumed from the previous one's last checkpoint
-    assert stopped == sorted(stopped) and stopped[-1] < 4000
-    assert log.count("Caught signal SIGUSR2") >= len(resumed)
-    assert (sweep_dir / "0" / "metrics.json").is_file()
-    assert torch.equal(final_table(sweep_dir / "0"), final_table(next((tmp_path / "reference").iterdir())))
+    print(f"preemption: signalled at steps {signalled}, segments ended at {stopped}, resumed from {resumed}, "
+          f"{seconds:.0f} s")
+    assert len(resumed) == 2 and resumed == stopped  # each segment resumed from the previous one's last checkpoint
+    assert all(a <= b < a + 50 for a, b in zip(signalled, stopped)) and stopped[-1] < 800  # stopped at the next step
+    err_log = "\n".join(p.read_text() for p in (run_dir.parent / ".submitit").glob("*/*_log.err"))
+    assert len(re.findall(r"submitit WARNING .* Caught signal SIGUSR2 on \S+: this job is preempted", err_log)) == 2
+    assert (run_dir / "metrics.json").is_file()
+    assert torch.equal(final_table(run_dir), final_table(next((tmp_path / "reference").iterdir())))
 
 
 def test_a_bad_job_fails_alone_in_one_line(cluster, tmp_path):

@@ -64,3 +64,16 @@ def test_sweep_job_count_and_thread_share():
 def test_collect_sweep_rejects_a_wrong_folder(tmp_path):
     proc = run(["scripts/collect_sweep.py", str(tmp_path / "missing")])
     assert proc.returncode == 2 and "is not a folder" in proc.stderr
+
+
+def test_a_signal_that_may_come_before_the_job_can_catch_it_is_warned_of():
+    """timeout_min=1 with signal_delay_s=45 signals 15 s into a job, or earlier (SLURM may be 60 s early): the
+    job may still be loading, and a job signalled then ends FAILED. 120 s of margin or more: no line."""
+    from perpneg3d.sweeps import early_signal_warning
+
+    assert early_signal_warning(1, 45) == (
+        "hydra.launcher.timeout_min=1 with signal_delay_s=45: SLURM sends the requeue signal 15 s into each job, or "
+        "up to 60 s earlier, possibly while the job is still starting (it then ends FAILED, not requeued): give each "
+        "job at least signal_delay_s + 120 s")
+    assert early_signal_warning(60, 120) is None and early_signal_warning(4, 120) is None
+    assert early_signal_warning(3.9, 120) is not None and early_signal_warning(None, 120) is None
