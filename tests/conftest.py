@@ -10,8 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# the toy world's renders and classifier references are cached here, once per test session
-os.environ.setdefault("PERPNEG3D_CACHE", tempfile.mkdtemp(prefix="perpneg3d-test-cache-"))
+# the toy world's renders and classifier references are cached here, once per test session: one folder for all of
+# pytest-xdist's workers (named by the run's id), where the first worker to need a file builds it and the other
+# waits for it (toy.dataset.cached_or_built)
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _run:
+    _cache = Path(tempfile.gettempdir()) / f"perpneg3d-test-cache-{_run}"
+    _cache.mkdir(exist_ok=True)
+    os.environ.setdefault("PERPNEG3D_CACHE", str(_cache))
+else:
+    os.environ.setdefault("PERPNEG3D_CACHE", tempfile.mkdtemp(prefix="perpneg3d-test-cache-"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -179,3 +179,28 @@ def test_held_out_words_leave_the_original_worlds_embeddings_unchanged():
     assert x[0, 8].item() == pytest.approx(-0.002382921986281872, abs=1e-12)
     horse, rabbit, dog = enc(["horse", "bunny", "dog"])
     assert horse[64] == 1.0 and rabbit[65] == 1.0 and horse @ dog == 0 and horse @ rabbit == 0
+
+
+def _build_slowly(path, log):
+    import time
+
+    from perpneg3d.toy.dataset import cached_or_built
+
+    def build():
+        with open(log, "a") as f:
+            f.write("built\n")
+        time.sleep(3.0)  # longer than the two processes' start-up differs: without the lock both would build
+        return {"x": torch.arange(3)}
+
+    return cached_or_built(path, build)["x"].tolist()
+
+
+def test_processes_that_need_the_same_cache_file_build_it_once(tmp_path):
+    """Two processes (two sweep jobs, two test workers) asking for a missing cache file at once: one builds it, the
+    other waits on the lock and reads it."""
+    import multiprocessing
+
+    path, log = tmp_path / "cache" / "toy_x.pt", tmp_path / "log"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        got = pool.starmap(_build_slowly, [(path, log), (path, log)])
+    assert got == [[0, 1, 2], [0, 1, 2]] and log.read_text() == "built\n"

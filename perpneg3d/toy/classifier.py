@@ -14,7 +14,7 @@ from perpneg3d.cameras import orbit_cameras
 from perpneg3d.contracts import ViewPrediction  # noqa: F401  (re-exported: what classify() returns)
 from perpneg3d.errors import ConfigError
 from perpneg3d.prompts.views import view_labels
-from perpneg3d.toy.dataset import default_cache_dir, load_cached, save_cached
+from perpneg3d.toy.dataset import cached_or_built, default_cache_dir
 from perpneg3d.toy.objects import base_name, check_objects, render_objects
 from perpneg3d.toy.text import object_of
 
@@ -55,13 +55,12 @@ class ToyViewClassifier:
                       distance=distance, fovy=fovy_deg, size=feature_size, version=1)
         key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
         path = (default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()) / f"classifier_{key}.pt"
-        cached = load_cached(path)
-        if cached is None:
+        def build() -> dict:
             cams = orbit_cameras(grid_az.repeat(len(self.objects)), grid_el.repeat(len(self.objects)), distance, fovy_deg, resolution)
             names = [self.objects[i] for i in self.ref_object.tolist()]
-            cached = {"features": normalised_features(render_objects(names, cams, supersample=2), feature_size)}
-            save_cached(cached, path)
-        self.ref_features = cached["features"]
+            return {"features": normalised_features(render_objects(names, cams, supersample=2), feature_size)}
+
+        self.ref_features = cached_or_built(path, build)["features"]
 
     def object_index(self, prompt: str) -> int:
         """Index of the object the prompt names (synonyms included)."""

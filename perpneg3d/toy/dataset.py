@@ -49,6 +49,32 @@ def save_cached(data: dict, path: Path) -> None:
         log.warning("could not cache %s (%s); it will be rebuilt next time", path, err)
 
 
+def cached_or_built(path: Path, build) -> dict:
+    """The cache at `path`, else build() written there. Processes that need the same file at once (the jobs of
+    a sweep, the workers of the test suite) build it once: the others wait on a lock file beside it."""
+    data = load_cached(path)
+    if data is not None:
+        return data
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")
+    except (ImportError, OSError):  # no POSIX locks or a read-only cache: build here
+        lock = None
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = load_cached(path)  # built by the process that held the lock
+        if data is None:
+            data = build()
+            save_cached(data, path)
+        return data
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
+
+
 def sample_azimuths(view_idx: Tensor, g: torch.Generator) -> Tensor:
     """Uniform azimuth inside each label's range: front |a|<45, side 45..135 (either sign), back >135."""
     u = torch.rand(len(view_idx), generator=g)
@@ -96,10 +122,7 @@ class ToyDataset:
         self.distance_range, self.elevation_range = tuple(distance_range), tuple(elevation_range)
         key = hashlib.sha1(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:16]
         path = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / f"toy_{key}.pt"
-        data = load_cached(path)
-        if data is None:
-            data = self._build()
-            save_cached(data, path)
+        data = cached_or_built(path, self._build)
         self.images = data["images"].float() / 255.0
         self.captions = data["captions"]
         for name in ("object_idx", "view_idx", "caption_view", "azimuth_deg", "elevation_deg"):
