@@ -119,3 +119,90 @@ def test_embedding_space_emphasis_is_refused_with_a_real_encoder(prior, request)
 def test_both_forms_at_once_are_refused():
     with pytest.raises(ConfigError, match=r"^prompts.view_emphasis=8.0 and prompts.score_emphasis=2.0 both weight"):
         ViewPrompts("a corgi", view_emphasis=8.0, score_emphasis=2.0)
+
+
+def test_clip_structured_toy_encoder_has_clips_token_layout():
+    """structure=clip: [<bos>, words, <eos>, padding] states, each the unit-norm causal sum of the tokens up to it
+    plus its position; a text and the same text with view words share exactly the states before the view words,
+    and differ at every later one, the padding included."""
+    from perpneg3d.toy.text import ToyTextEncoder
+
+    enc = ToyTextEncoder(structure="clip", max_length=8)
+    prompt, view = enc(["a toy dog", "a toy dog, side view"])
+    assert prompt.shape == (8, 67) and torch.allclose(prompt.norm(dim=-1), torch.ones(8))
+    words = [enc._word_vector(t) for t in ("<bos>", "a", "toy", "dog", "<eos>")]
+    by_hand = torch.stack([sum(words[:min(i, 4) + 1]) + enc.positions[i] for i in range(8)])
+    assert torch.allclose(prompt, by_hand / by_hand.norm(dim=-1, keepdim=True), atol=1e-6)
+    differs = (view - prompt).norm(dim=-1) > 1e-6
+    assert differs.tolist() == [False] * 4 + [True] * 4  # shared prefix: <bos> a toy dog
+    assert not (enc(["a toy dog side view and more words than fit"])[0] - enc(["a toy dog side view and more"])[0]).any()
+    # the read-out is not linear in the states: extrapolating states is not extrapolating features
+    w = 8.0
+    assert not torch.allclose(enc.readout((prompt + w * (view - prompt))[None]),
+                              enc.readout(prompt[None]) + w * (enc.readout(view[None]) - enc.readout(prompt[None])),
+                              atol=1e-2)
+
+
+def test_the_clip_structured_encoder_catches_embedding_space_emphasis():
+    """The same toy world with the CLIP-structured encoder: at w = 1 the view prompts' caption priors match the
+    bag-of-words world's (view shares within 0.02); extrapolating the conditioning by w = 8 moves the side share
+    much less there, and costs object mass, which the bag-of-words world cannot show; the option is refused."""
+    from hydra.utils import instantiate
+
+    from perpneg3d.config import compose_config
+    from perpneg3d.toy.prior import ToyPrior
+    from perpneg3d.toy.text import ToyTextEncoder
+
+    bag = instantiate(compose_config("train", ["experiment=toy"]).guidance.denoiser)
+    encoder = dict(bag.text_encoder.__dict__)
+    clip = ToyPrior(bag.dataset, ToyTextEncoder(encoder["dim"], encoder["object_weight"], encoder["view_weight"],
+                                                encoder["other_weight"], structure="clip"), tau=bag.tau)
+    data = bag.dataset
+    mine = data.object_idx == data.objects.index("dog")
+
+    def shares(prior, w):
+        base, side = prior.embed(["a toy dog", "a toy dog, side view"]).split(1)
+        p = prior.log_prior(base + w * (side - base))[0].exp()
+        return p[mine].sum().item(), (p[mine & (data.view_idx == 1)].sum() / p[mine].sum()).item(), prior
+
+    bag1, clip1 = shares(bag, 1.0), shares(clip, 1.0)
+    assert abs(bag1[1] - clip1[1]) < 0.02 and bag1[0] > 0.999 and clip1[0] > 0.999
+    bag8, clip8 = shares(bag, 8.0), shares(clip, 8.0)
+    assert bag8[1] > 0.6 and clip8[1] < 0.45 and bag8[0] > 0.999 and clip8[0] < 0.99
+    with pytest.raises(ConfigError, match=r"not ToyPrior with text_encoder.structure=clip's: use prompts.score_emphasis=8.0"):
+        ViewPrompts("a toy dog", view_emphasis=8.0).bind(clip8[2])
+    assert ViewPrompts("a toy dog", view_emphasis=8.0).bind(bag8[2])._emb.shape == (5, 67)
+
+
+def test_the_2d_sampler_adds_the_prompts_block_and_combines_with_the_emphasis():
+    """eval_view_fidelity's methods take `emphasis`: the sampler's texts get the prompt last, each step's one call
+    has (3+K) blocks, and one step equals guided_eps with that emphasis (a one-step DDIM from known noise)."""
+    from perpneg3d.evaluation.view_fidelity import cell_texts
+    from perpneg3d.guidance.ddim_sampler import sample
+    from perpneg3d.toy.prior import linear_alphas_cumprod
+
+    assert cell_texts("a toy dog", "side", "perpneg", 4.0) == [
+        "", "a toy dog, side view", "a toy dog, front view", "a toy dog, back view", "a toy dog"]
+    assert cell_texts("a toy dog", "side", "perpneg") == cell_texts("a toy dog", "side", "perpneg", 4.0)[:-1]
+
+    class Tiny(Counting):
+        alphas_cumprod, image_size = linear_alphas_cumprod(), 2
+
+        def latent_shape(self, h, w):
+            return (4, 2, 2)
+
+        def decode(self, x):
+            return x
+
+    den = Tiny(6)
+    emb = den.embed(cell_texts("a toy dog", "side", "perpneg", 4.0))
+    weights = torch.tensor([1.0, 2.0])
+    got = sample(den, emb, weights, 3, scale=7.5, steps=1, generator=torch.Generator().manual_seed(0), progress=False,
+                 emphasis=4.0)
+    assert den.calls == [15]
+    x = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.full((3,), 1, dtype=torch.long)  # DDIM with one step of 1000 (steps_offset=1) runs t = 1
+    eps = guided_eps(den, x, t, emb.repeat_interleave(3, 0), weights.expand(3, 2), 7.5, "perpneg", emphasis=4.0)
+    abar, prev = den.alphas_cumprod[1], den.alphas_cumprod[0]  # DDIM steps from t = 1 to abar_0 (set_alpha_to_one off)
+    x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    assert torch.allclose(got, prev.sqrt() * x0 + (1 - prev).sqrt() * eps, atol=1e-4)

@@ -103,9 +103,11 @@ class ViewPrompts:
     def bind(self, denoiser) -> "ViewPrompts":
         """Embed this run's texts with `denoiser`, once (a bad prompt fails here, before step 0)."""
         if self.view_emphasis != 1.0 and not (isinstance(denoiser, LinearTextEmbedding) and denoiser.linear_text_embedding):
+            structure = getattr(getattr(denoiser, "text_encoder", None), "structure", None)  # the toy encoder's
+            name = type(denoiser).__name__ + (f" with text_encoder.structure={structure}" if structure else "")
             raise ConfigError(f"prompts.view_emphasis={self.view_emphasis} weights text embeddings, which weights the "
                               f"view words only for a bag-of-words encoder (the toy prior's), not "
-                              f"{type(denoiser).__name__}'s: use prompts.score_emphasis={self.view_emphasis} "
+                              f"{name}'s: use prompts.score_emphasis={self.view_emphasis} "
                               "(the same weighting on the noise predictions, any prior)")
         emb = denoiser.embed(self.texts())
         if self.view_emphasis != 1.0:

@@ -62,13 +62,14 @@ class ToyPrior:
         self.data = x
         self.data_centered = x - self.mean
         self.data_sqnorm = (self.data_centered ** 2).sum(1)
-        self.caption_emb = self.text_encoder(dataset.captions).to(self.device)  # [M, E]
+        self.caption_emb = self.text_encoder.readout(self.text_encoder(dataset.captions)).to(self.device)  # [M, E]
         self.known = [base_name(o) for o in dataset.objects]
 
     @property
     def linear_text_embedding(self) -> bool:
-        """log_prior is linear in the text embedding (a dot product with the captions' before the softmax), and
-        the toy encoder is a bag of words: contracts.LinearTextEmbedding."""
+        """With the bag-of-words encoder log_prior is linear in the text embedding (a dot product with the
+        captions' before the softmax) and the embedding a sum of words: contracts.LinearTextEmbedding. With the
+        CLIP-structured encoder neither holds."""
         return bool(getattr(self.text_encoder, "bag_of_words", False))
 
     # -- denoiser interface ---------------------------------------------------------------
@@ -93,8 +94,9 @@ class ToyPrior:
         return ((latents + 1) / 2).clamp(0, 1)
 
     def log_prior(self, text_emb: Tensor) -> Tensor:
-        """log pi_i(prompt) [N, M]: soft caption matching."""
-        return torch.log_softmax(text_emb.float() @ self.caption_emb.T / self.tau, dim=-1)
+        """log pi_i(prompt) [N, M]: soft caption matching of the encoder's read-out features."""
+        feature = self.text_encoder.readout(text_emb.float().to(self.device))
+        return torch.log_softmax(feature @ self.caption_emb.T / self.tau, dim=-1)
 
     def posterior(self, latents_t: Tensor, t: Tensor, text_emb: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior weights w [N, M] over the data set and E[x_0 | x_t] [N, D]."""
