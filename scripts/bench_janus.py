@@ -25,6 +25,7 @@ from scipy.stats import binomtest
 
 from perpneg3d.config import compose_config, run_script
 from perpneg3d.errors import ConfigError, require
+from perpneg3d.evaluation.janus import outcome
 from perpneg3d.gallery import write_gallery
 from perpneg3d.images import make_grid, save_png
 from perpneg3d.renderer.orbit import render_rgb
@@ -32,8 +33,7 @@ from perpneg3d.saved_config import is_safe, leaves
 from perpneg3d.training.run_loading import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
-ORIENTED_MIN = 0.8  # correctly oriented: Janus-free and view_acc (absolute) >= 0.8
-COLUMNS = ["method", "object", "seed", "front_share", "view_acc", "view_acc_aligned", "janus_free", "oriented",
+COLUMNS = ["method", "object", "seed", "front_share", "view_acc", "view_acc_aligned", "object_acc", "janus_free", "oriented",
            "seconds_per_step", "run"]
 
 
@@ -88,8 +88,7 @@ def row(out: Path, method: str, obj: str, seed: int) -> dict:
     metrics = json.loads((folder / "metrics.json").read_text())
     janus = metrics["janus"]
     return dict(method=method, object=obj, seed=seed, front_share=janus["front_share"], view_acc=janus["view_acc"],
-                view_acc_aligned=janus["view_acc_aligned"], janus_free=bool(janus["janus_free"]),
-                oriented=bool(janus["janus_free"] and janus["view_acc"] >= ORIENTED_MIN),
+                view_acc_aligned=janus["view_acc_aligned"], object_acc=janus["object_acc"], **outcome(janus),
                 seconds_per_step=metrics["seconds_per_step"], run=str(folder))
 
 
@@ -124,11 +123,11 @@ def markdown(rows: list[dict], summ: list[dict], baseline: str | None) -> str:
         paired = f"{s['oriented_fixes']} / {s['oriented_breaks']}" if "oriented_fixes" in s else "-"
         lines.append(f"| {s['method']} | {s['janus_free']}/{s['n']} ({lo:.2f}-{hi:.2f}) | "
                      f"{s['oriented']}/{s['n']} ({olo:.2f}-{ohi:.2f}) | {paired} | {s['seconds_per_step']:.3f} |")
-    lines += ["", "| method | object | seed | front_share | view_acc | view_acc_aligned | Janus-free | oriented |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| method | object | seed | front_share | view_acc | view_acc_aligned | object_acc | Janus-free | "
+              "oriented |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['object']} | {r['seed']} | {r['front_share']:.2f} | {r['view_acc']:.2f} | "
-                     f"{r['view_acc_aligned']:.2f} | {'yes' if r['janus_free'] else 'no'} | "
+                     f"{r['view_acc_aligned']:.2f} | {r['object_acc']:.2f} | {'yes' if r['janus_free'] else 'no'} | "
                      f"{'yes' if r['oriented'] else 'no'} |")
     return "\n".join(lines)
 

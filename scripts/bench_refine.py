@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from bench_janus import ORIENTED_MIN, prepare, wilson
+from bench_janus import prepare, wilson
 from perpneg3d.config import instantiate, run_script
 from perpneg3d.errors import ConfigError, require
 from perpneg3d.evaluation.classifiers import DEFAULT_CLIP
-from perpneg3d.evaluation.janus import classifier_camera, janus_metrics
+from perpneg3d.evaluation.janus import classifier_camera, janus_metrics, outcome
 from perpneg3d.evaluation.mesh_quality import MeshSurface, mesh_quality
 from perpneg3d.gallery import write_gallery
 from perpneg3d.images import make_grid, save_png
@@ -71,8 +71,7 @@ def compare(coarse_dir: Path) -> tuple[list[dict], torch.Tensor]:
         metrics = json.loads(((coarse_dir if stage == "coarse" else refine_dir) / "metrics.json").read_text())
         rows.append(dict(stage=stage, prompt=cfg.prompt, seed=cfg.seed, front_share=janus["front_share"],
                          view_acc=janus["view_acc"], view_acc_aligned=janus["view_acc_aligned"],
-                         janus_free=bool(janus["janus_free"]),
-                         oriented=bool(janus["janus_free"] and janus["view_acc"] >= ORIENTED_MIN),
+                         object_acc=janus["object_acc"], **outcome(janus),
                          texture=texture_of(cfg if stage == "coarse" else rcfg), seconds_per_step=metrics["seconds_per_step"],
                          steps=metrics["steps"], **mesh_quality(mesh)))
         renders.append(render_rgb(shown, renderer, azimuth, torch.full_like(azimuth, 15.0), cam["distance"],

@@ -158,3 +158,20 @@ def test_janus_scores_count_unrecognised_views_as_wrong():
     ok[:18] = False
     scores = janus_scores(labels_at(AZ), ok, AZ)
     assert scores["object_acc"] == 0.5 and scores["view_acc"] == 0.5 and not math.isnan(scores["front_share"])
+
+
+def test_an_object_not_recognised_as_itself_is_neither_janus_free_nor_oriented():
+    """Issue 28's rule: the object must be recognised in >= 0.8 of the views. 7 of 36 views unrecognised (0.81)
+    passes, 8 (0.78) fails; janus_scores and outcome() (which recounts saved metrics) agree."""
+    from perpneg3d.evaluation.janus import outcome
+
+    for unrecognised, expected in ((7, True), (8, False)):
+        ok = torch.ones(36, dtype=torch.bool)
+        ok[torch.arange(0, 36, 36 / unrecognised).long()] = False
+        scores = janus_scores(labels_at(AZ), ok, AZ)
+        assert scores["object_acc"] == pytest.approx((36 - unrecognised) / 36)
+        assert scores["janus_free"] is expected and outcome(scores) == dict(janus_free=expected, oriented=expected)
+    saved = dict(front_share=0.25, view_acc=0.9, view_acc_aligned=0.9, object_acc=0.7)  # as written, not derivable
+    assert outcome(saved) == dict(janus_free=False, oriented=False)
+    assert outcome(dict(saved, object_acc=0.8)) == dict(janus_free=True, oriented=True)
+    assert outcome(dict(saved, object_acc=0.8, view_acc=0.5)) == dict(janus_free=True, oriented=False)
