@@ -23,8 +23,9 @@ def main(cfg) -> None:
     prompt = validate_prompt(cfg.prompt)
     for m in cfg.methods:
         require(m.mode in MODES, f"methods: mode={m.mode!r} is unknown: use one of {', '.join(MODES)}")
-        extra = set(m) - {"mode", "weight", "neg_time_ramp", "alignment"}
-        require(not extra, f"methods: {sorted(extra)} unknown: a method has mode, weight, neg_time_ramp, alignment")
+        extra = set(m) - {"mode", "weight", "neg_time_ramp", "alignment", "emphasis"}
+        require(not extra, f"methods: {sorted(extra)} unknown: a method has mode, weight, neg_time_ramp, alignment, "
+                           "emphasis")
     require(all(v in ("front", "side", "back") for v in cfg.views), f"views={list(cfg.views)}: use front, side, back")
     for key in ("num_samples", "batch_size", "steps"):
         require(int(cfg[key]) >= 1, f"{key}={cfg[key]} must be at least 1")

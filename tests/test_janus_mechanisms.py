@@ -89,7 +89,7 @@ def test_view_emphasis_moves_the_toy_priors_mass_to_the_named_view():
     assert shares[0] < 0.3 and shares[0] < shares[1] < shares[2] and shares[2] > 0.5
 
 
-@pytest.mark.parametrize("method", ["x2_emph8", "x2_window", "x2_progressive", "x2_ellipsoid"])
+@pytest.mark.parametrize("method", ["x2_emph8", "x2_window", "x2_progressive", "x2_ellipsoid", "x2_score8"])
 def test_each_benchmark_mechanism_builds_and_is_off_in_the_preset(method):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -99,7 +99,7 @@ def test_each_benchmark_mechanism_builds_and_is_off_in_the_preset(method):
     bench = OmegaConf.load(CONFIG_DIR / "bench_janus.yaml")
     cfg = compose_config("train", ["experiment=toy", *bench.method_overrides[method]])
     preset = compose_config("train", ["experiment=toy"])
-    assert preset.prompts.view_emphasis == 1.0 and preset.cameras.progressive_until == 0
+    assert preset.prompts.view_emphasis == 1.0 == preset.prompts.score_emphasis and preset.cameras.progressive_until == 0
     assert preset.geometry.blob_radii is None
     changed = {k for k in ("prompts", "cameras", "geometry", "guidance") if cfg[k] != preset[k]}
     assert len(changed) == 1  # one mechanism each

@@ -42,10 +42,12 @@ def sample(
     progress: bool = True,
     neg_time_ramp: tuple[float, float] | None = None,
     alignment: bool = False,
+    emphasis: float = 1.0,
 ) -> Tensor:
     """Sample images [num_samples,3,H,W] in [0,1].
 
-    text_emb: [2+K, ...] embeddings of (uncond, positive, negative_1..K); neg_weights: [K].
+    text_emb: [2+K, ...] embeddings of (uncond, positive, negative_1..K); neg_weights: [K]. emphasis != 1
+    (score-space view emphasis, perpneg.combine): [3+K, ...], the prompt without view words last.
     Each denoising step runs the denoiser once on the (2+K)*B batch [uncond | pos | negs], combines
     with `combine(mode)` and takes a DDIM step. Initial noise comes from `generator` exactly as in
     diffusers' StableDiffusionPipeline, so mode "cfg" reproduces it.
@@ -58,12 +60,12 @@ def sample(
     gen_device = generator.device if generator is not None else device
     latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
     latents = latents * scheduler.init_noise_sigma
-    num_neg = text_emb.shape[0] - 2
+    num_neg = text_emb.shape[0] - 2 - int(emphasis != 1.0)
     emb = text_emb.to(device).repeat_interleave(num_samples, dim=0)  # block layout: each prompt x num_samples
     weights = neg_weights.to(device).float().reshape(1, num_neg).expand(num_samples, num_neg) if num_neg else None
     for t in tqdm(scheduler.timesteps, desc=f"DDIM {mode}", disable=not progress, leave=False):
         x_in = scheduler.scale_model_input(latents, t)
         eps_hat = guided_eps(denoiser, x_in, t.reshape(1).expand(num_samples).to(device), emb, weights, scale, mode,
-                             neg_time_ramp, alignment)
+                             neg_time_ramp, alignment, emphasis=emphasis)
         latents = scheduler.step(eps_hat.to(latents.dtype), t, latents, eta=eta, generator=generator).prev_sample
     return denoiser.decode(latents)
