@@ -173,6 +173,33 @@ class Surface(Protocol):
         ...
 
 
+class Gaussians(NamedTuple):
+    """N anisotropic 3D Gaussians, activated (what a splatting renderer draws; issue 30)."""
+
+    means: Tensor  # [N,3] world
+    scales: Tensor  # [N,3] standard deviations along the Gaussian's own axes, > 0
+    rotations: Tensor  # [N,4] unit quaternions (w, x, y, z): the Gaussian's axes in the world
+    opacities: Tensor  # [N] peak opacity in (0, 1)
+    colors: Tensor  # [N,3] albedo in [0, 1]
+
+
+@runtime_checkable
+class GaussianField(Protocol):
+    """A geometry made of 3D Gaussians (docs/architecture.md, "Gaussian splatting"): a splatting renderer asks
+    for its Gaussians; like a Surface it has no density() to march, so it is not a Geometry."""
+
+    radius: float
+
+    def gaussians(self) -> Gaussians:
+        """The current Gaussians, differentiable in every field."""
+
+    def param_groups(self) -> dict[str, list]:
+        ...
+
+    def update_step(self, step: int) -> None:
+        ...
+
+
 @dataclass
 class RaySamples:
     """What a ray sampler (the CUDA marcher or the stratified CPU sampler) hands to compositing:

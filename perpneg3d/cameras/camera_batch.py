@@ -70,8 +70,8 @@ class CameraBatch:
         """Ray origins and unit directions, each [B,H,W,3], through pixel centres."""
         h, w, dev = self.height, self.width, self.device
         focal = 0.5 * h / torch.tan(torch.deg2rad(self.fovy_deg) / 2)  # [B]
-        j = torch.arange(w, device=dev, dtype=torch.float32) + 0.5 - w / 2
-        i = torch.arange(h, device=dev, dtype=torch.float32) + 0.5 - h / 2
+        j = torch.arange(w, device=dev, dtype=self.c2w.dtype) + 0.5 - w / 2
+        i = torch.arange(h, device=dev, dtype=self.c2w.dtype) + 0.5 - h / 2
         ii, jj = torch.meshgrid(i, j, indexing="ij")
         dirs = torch.stack([jj, -ii, -torch.ones_like(ii) * 1.0], -1)  # [H,W,3] at focal 1 scaled below
         dirs = dirs.unsqueeze(0).repeat(self.batch_size, 1, 1, 1)

@@ -1,0 +1,70 @@
+"""3D Gaussians as a geometry (issue 30; docs/architecture.md, "Gaussian splatting").
+
+N Gaussians, each a mean, three log standard deviations along its own axes, a rotation (a quaternion w, x, y, z),
+a peak opacity (a logit) and an albedo (a logit). `gaussians()` gives them activated (contracts.Gaussians), which
+is all a splatting renderer reads. Initialised as a ball of points (the volume's blob, as DreamGaussian and
+GaussianDreamer start from a sphere or a point cloud), each Gaussian round, small and faint.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perpneg3d.contracts import Gaussians
+from perpneg3d.errors import ConfigError
+from perpneg3d.validation import PositiveFloat, PositiveInt, Probability, validated
+
+
+def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
+    """[N,4] quaternions (w, x, y, z), normalised here -> [N,3,3] rotation matrices (columns: the rotated axes)."""
+    w, x, y, z = F.normalize(q, dim=-1).unbind(-1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ], -1).view(-1, 3, 3)
+
+
+class GaussianCloud(nn.Module):
+    """N 3D Gaussians in [-radius, radius]^3 (a contracts.GaussianField).
+
+    num_points: N; init_radius: the ball the means are drawn in (uniform in volume, seeded by `seed`);
+    init_scale: each Gaussian's standard deviation (world units, the same along its three axes);
+    init_opacity: its peak opacity; init_color: its albedo (grey by default).
+    """
+
+    @validated("geometry")
+    def __init__(self, radius: PositiveFloat = 1.0, num_points: PositiveInt = 4096, init_radius: PositiveFloat = 0.5,
+                 init_scale: PositiveFloat = 0.04, init_opacity: Probability = 0.1,
+                 init_color: tuple[float, float, float] = (0.5, 0.5, 0.5), seed: int = 0):
+        super().__init__()
+        if init_radius > radius:
+            raise ConfigError(f"geometry.init_radius={init_radius} must not exceed geometry.radius={radius}")
+        if not 0 < init_opacity < 1 or not all(0 < c < 1 for c in init_color):
+            raise ConfigError(f"geometry.init_opacity={init_opacity} and geometry.init_color={list(init_color)} must lie "
+                              "strictly between 0 and 1 (they are sigmoids of the parameters)")
+        self.radius = radius
+        g = torch.Generator().manual_seed(seed)
+        direction = F.normalize(torch.randn(num_points, 3, generator=g), dim=-1)
+        distance = init_radius * torch.rand(num_points, 1, generator=g) ** (1 / 3)  # uniform in the ball's volume
+        self.means = nn.Parameter(direction * distance)
+        self.log_scales = nn.Parameter(torch.full((num_points, 3), math.log(init_scale)))
+        self.rotations = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(num_points, 1))
+        self.opacity_logits = nn.Parameter(torch.full((num_points,), math.log(init_opacity / (1 - init_opacity))))
+        color = torch.tensor(init_color, dtype=torch.float32)
+        self.color_logits = nn.Parameter(torch.log(color / (1 - color)).repeat(num_points, 1))
+
+    def gaussians(self) -> Gaussians:
+        return Gaussians(self.means, self.log_scales.exp(), F.normalize(self.rotations, dim=-1),
+                         torch.sigmoid(self.opacity_logits), torch.sigmoid(self.color_logits))
+
+    def param_groups(self) -> dict[str, list]:
+        """geometry.<name> learning rates: means, scales, rotations, opacities, colors."""
+        return {"means": [self.means], "scales": [self.log_scales], "rotations": [self.rotations],
+                "opacities": [self.opacity_logits], "colors": [self.color_logits]}
+
+    def update_step(self, step: int) -> None:
+        """No schedule of its own (densification, when it comes, is the trainer's call: docs/architecture.md)."""

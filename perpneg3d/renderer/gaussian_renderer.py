@@ -1,0 +1,154 @@
+"""Splatting renderer: 3D Gaussians (a contracts.GaussianField) seen from a CameraBatch, as the same RenderOutput
+the volume and mesh renderers give (issue 30; docs/architecture.md, "Gaussian splatting").
+
+The torch path, written for this project (the CPU's; gsplat's CUDA kernels composite on the GPU only):
+
+- projection (EWA splatting, Zwicker et al. 2002, as 3D Gaussian splatting, Kerbl et al. 2023): a Gaussian of
+  world covariance R S S R^T, in the camera's frame W (R S S R^T) W^T, becomes on the image
+  J W R S S R^T W^T J^T + eps2d I, with J the Jacobian of the pinhole projection at its mean (x/z and y/z clamped
+  to 1.3 times the image's half-width, as gsplat does, so Gaussians far outside the view cannot blow up) and
+  eps2d = 0.3 px^2 the low-pass filter of 3DGS and gsplat;
+- pixels: the project's pinhole (OpenGL axes, docs/conventions.md) with pixel (row i, column j) centred on
+  CameraBatch.rays()' ray through it, row 0 at the top;
+- compositing: each Gaussian's alpha at a pixel centre, opacity * exp(-d^T Sigma^-1 d / 2), capped at 0.99 and
+  dropped below 1/255 (gsplat's rules), blended front to back in the order of the means' depths:
+  C = sum_i c_i a_i prod_{j<i} (1 - a_j), opacity = 1 - prod_i (1 - a_i), depth the same blend of the means'
+  distances; the background fills 1 - opacity. Dense over Gaussians x pixels, in chunks of pixels.
+
+Shading: a Gaussian's normal (for lambertian / textureless shading and the normal image) is its shortest axis,
+turned towards the camera; its colour is shaded once per camera, then blended.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from perpneg3d.cameras.camera_batch import CameraBatch
+from perpneg3d.contracts import Gaussians
+from perpneg3d.geometry.gaussians import quaternion_to_matrix
+from perpneg3d.random_streams import RandomStreams
+from perpneg3d.renderer.volume_renderer import RenderOutput
+from perpneg3d.validation import NonNegativeFloat, PositiveFloat, PositiveInt, validated
+
+ALPHA_MAX, ALPHA_MIN = 0.99, 1.0 / 255.0
+CLAMP_FOV = 1.3  # the Jacobian's x/z, y/z limit in half-widths of the image (gsplat's)
+
+
+def focal_length(cameras: CameraBatch) -> Tensor:
+    """[B] focal length in pixels (the same for x and y: square pixels, CameraBatch.rays())."""
+    return 0.5 * cameras.height / torch.tan(torch.deg2rad(cameras.fovy_deg) / 2)
+
+
+def project(gaussians: Gaussians, cameras: CameraBatch, eps2d: float = 0.3) -> tuple[Tensor, Tensor, Tensor]:
+    """Means on the image [B,N,2] (x = column, y = row, pixel centres at integers), image covariances [B,N,2,2]
+    (pixels^2, low-pass filter included) and depths [B,N] (distance in front of the camera along its axis)."""
+    w2c = torch.linalg.inv(cameras.c2w)  # [B,4,4]
+    rot = w2c[:, :3, :3]
+    cam = torch.einsum("bij,nj->bni", rot, gaussians.means) + w2c[:, None, :3, 3]  # [B,N,3], OpenGL: looks down -z
+    depth = -cam[..., 2]
+    safe = depth.clamp_min(1e-6)
+    f = focal_length(cameras).view(-1, 1)
+    cx, cy = cameras.width / 2 - 0.5, cameras.height / 2 - 0.5
+    x, y = cam[..., 0], cam[..., 1]
+    mean2d = torch.stack([f * x / safe + cx, -f * y / safe + cy], -1)
+    # the Jacobian of (column, row) with respect to the camera-frame point, at the (clamped) mean
+    lim_x = CLAMP_FOV * (cameras.width / 2) / f
+    lim_y = CLAMP_FOV * (cameras.height / 2) / f
+    tx = torch.maximum(torch.minimum(x / safe, lim_x), -lim_x) * safe
+    ty = torch.maximum(torch.minimum(y / safe, lim_y), -lim_y) * safe
+    zero = torch.zeros_like(safe)
+    jac = torch.stack([torch.stack([f / safe, zero, f * tx / safe ** 2], -1),
+                       torch.stack([zero, -f / safe, -f * ty / safe ** 2], -1)], -2)  # [B,N,2,3]
+    axes = quaternion_to_matrix(gaussians.rotations) * gaussians.scales.unsqueeze(-2)  # R S: [N,3,3]
+    cov3 = axes @ axes.transpose(-1, -2)  # R S S R^T
+    t = jac @ rot.unsqueeze(1)  # J W: [B,N,2,3]
+    cov2d = t @ cov3.unsqueeze(0) @ t.transpose(-1, -2)
+    cov2d = cov2d + eps2d * torch.eye(2, device=cov2d.device, dtype=cov2d.dtype)
+    return mean2d, cov2d, depth
+
+
+def normals_towards(gaussians: Gaussians, eyes: Tensor) -> Tensor:
+    """[B,N,3] each Gaussian's shortest axis, turned to face the camera at eyes [B,3]."""
+    axes = quaternion_to_matrix(gaussians.rotations)  # [N,3,3], columns the axes
+    shortest = gaussians.scales.argmin(-1)  # [N]
+    normal = axes.gather(2, shortest.view(-1, 1, 1).expand(-1, 3, 1)).squeeze(-1)  # [N,3]
+    facing = ((eyes.unsqueeze(1) - gaussians.means.unsqueeze(0)) * normal.unsqueeze(0)).sum(-1, keepdim=True)
+    return torch.where(facing < 0, -normal, normal).expand(eyes.shape[0], -1, -1)
+
+
+def composite(mean2d: Tensor, cov2d: Tensor, depth: Tensor, opacities: Tensor, features: Tensor, height: int,
+              width: int, near: float, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Front-to-back alpha blending at every pixel centre: (blended features [B,H,W,C], opacity [B,H,W,1]).
+    features [B,N,C] (colours, depths, normals, ...); Gaussians nearer than `near` draw nothing."""
+    b, n = depth.shape
+    order = depth.argsort(dim=1)  # front to back
+    take = lambda t: t.gather(1, order.view(b, n, *([1] * (t.dim() - 2))).expand_as(t))  # noqa: E731
+    mean2d, cov2d, depth, features = take(mean2d), take(cov2d), take(depth), take(features)
+    peak = opacities[order] * (depth > near).to(opacities.dtype)  # [B,N]
+    det = cov2d[..., 0, 0] * cov2d[..., 1, 1] - cov2d[..., 0, 1] * cov2d[..., 1, 0]
+    conic = torch.stack([cov2d[..., 1, 1], -cov2d[..., 0, 1], cov2d[..., 0, 0]], -1) / det.unsqueeze(-1)  # [B,N,3]
+    rows = torch.arange(height, device=depth.device, dtype=mean2d.dtype)
+    cols = torch.arange(width, device=depth.device, dtype=mean2d.dtype)
+    pixels = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), -1).view(-1, 2)  # [P,2] (x = column, y = row)
+    blended, coverage = [], []
+    for part in pixels.split(chunk):
+        d = part.view(1, 1, -1, 2) - mean2d.unsqueeze(2)  # [B,N,P,2]
+        power = -0.5 * (conic[..., 0:1] * d[..., 0] ** 2 + 2 * conic[..., 1:2] * d[..., 0] * d[..., 1]
+                        + conic[..., 2:3] * d[..., 1] ** 2)
+        alpha = (peak.unsqueeze(-1) * power.clamp_max(0).exp()).clamp_max(ALPHA_MAX)
+        alpha = torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))  # [B,N,P]
+        transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1]], 1), 1)
+        weights = alpha * transmittance
+        blended.append(torch.einsum("bnp,bnc->bpc", weights, features))
+        coverage.append(weights.sum(1))
+    out = torch.cat(blended, 1).view(b, height, width, -1)
+    return out, torch.cat(coverage, 1).view(b, height, width, 1)
+
+
+class GaussianRenderer(nn.Module):
+    """Renders a GaussianField as the volume renderer's RenderOutput (rgb over the background, opacity, depth,
+    normals); the same materials and backgrounds. near: Gaussians closer to the camera draw nothing; eps2d: the
+    image-space low-pass filter (px^2); chunk: pixels composited at once (memory: B x N x chunk floats)."""
+
+    @validated("renderer")
+    def __init__(self, background: nn.Module, material, near: PositiveFloat = 0.05, eps2d: NonNegativeFloat = 0.3,
+                 chunk: PositiveInt = 4096):
+        super().__init__()
+        self.background, self.material = background, material
+        self.near, self.eps2d, self.chunk = near, eps2d, chunk
+
+    backend = "splatting (torch)"
+
+    def param_groups(self) -> dict[str, list]:
+        return {"background": list(self.background.parameters())}
+
+    def choose_shading(self, step: int, generator: torch.Generator) -> str:
+        return self.material.choose_shading(step, generator)
+
+    def update(self, step: int, geometry) -> None:
+        """Nothing per step."""
+
+    def forward(self, geometry, cameras: CameraBatch, shading: str = "albedo", with_normals: bool = False,
+                rng: RandomStreams | None = None) -> RenderOutput:
+        b, h, w = cameras.batch_size, cameras.height, cameras.width
+        g = geometry.gaussians()
+        mean2d, cov2d, depth = project(g, cameras, self.eps2d)
+        n = g.means.shape[0]
+        eyes = cameras.c2w[:, :3, 3]
+        need_normals = with_normals or self.material.needs_normals(shading)
+        normals = normals_towards(g, eyes) if need_normals else None
+        colors = self.material.shade(g.colors.expand(b, -1, -1).reshape(-1, 3),
+                                     normals.reshape(-1, 3) if normals is not None else None,
+                                     g.means.expand(b, -1, -1).reshape(-1, 3),
+                                     cameras.light_position.view(b, 1, 3).expand(b, n, 3).reshape(-1, 3),
+                                     shading).view(b, n, 3)
+        distance = (g.means.unsqueeze(0) - eyes.unsqueeze(1)).norm(dim=-1, keepdim=True)  # [B,N,1]
+        features = [colors, distance] + ([normals] if with_normals else [])
+        out, opacity = composite(mean2d, cov2d, depth, g.opacities, torch.cat(features, -1), h, w, self.near,
+                                 self.chunk)
+        _, dirs = cameras.rays()
+        background = self.background(dirs.reshape(-1, 3), rng).view(b, h, w, 3)
+        rgb = out[..., :3] + (1 - opacity) * background
+        return RenderOutput(rgb=rgb, opacity=opacity, depth=out[..., 3:4], z_variance=torch.zeros_like(opacity),
+                            normal=out[..., 4:7] if with_normals else None, num_samples=n)

@@ -1,0 +1,154 @@
+"""3D Gaussian splatting, the torch renderer (issue 30): single Gaussians against images worked out by hand from
+the pinhole and EWA formulas, two Gaussians blended in depth order whatever their order in the tensors, gradients
+against finite differences, and the contracts."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from perpneg3d.cameras.camera_batch import orbit_cameras
+from perpneg3d.contracts import GaussianField, Gaussians
+from perpneg3d.geometry.gaussians import GaussianCloud, quaternion_to_matrix
+from perpneg3d.renderer import DiffuseMaterial, SolidBackground
+from perpneg3d.renderer.gaussian_renderer import ALPHA_MIN, GaussianRenderer
+
+D, FOVY, SIZE = 2.0, 40.0, 16
+F = 0.5 * SIZE / math.tan(math.radians(FOVY) / 2)  # focal length in pixels
+CENTRE = SIZE / 2 - 0.5  # the optical axis, in pixel-centre coordinates
+
+
+class Fixed:
+    """A GaussianField holding given Gaussians."""
+
+    radius = 1.0
+
+    def __init__(self, g: Gaussians):
+        self.g = g
+
+    def gaussians(self) -> Gaussians:
+        return self.g
+
+    def param_groups(self):
+        return {}
+
+    def update_step(self, step):
+        pass
+
+
+def front_camera(dtype=torch.float32):
+    """At (D, 0, 0) looking at the origin, z up: image right is world +y, image up world +z."""
+    cams = orbit_cameras(torch.tensor([0.0]), 0.0, D, FOVY, SIZE)
+    return replace(cams, c2w=cams.c2w.to(dtype), fovy_deg=cams.fovy_deg.to(dtype))
+
+
+def renderer(background=(1.0, 1.0, 1.0)):
+    return GaussianRenderer(SolidBackground(background), DiffuseMaterial())
+
+
+def one(mean, scales, opacity, color, rotation=(1.0, 0.0, 0.0, 0.0)) -> Gaussians:
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    return Gaussians(t(mean), t(scales), t(rotation), t(opacity)[0:1].view(1), t(color))
+
+
+def by_hand(cov, opacity):
+    """alpha [SIZE,SIZE] of a Gaussian centred on the axis with image covariance `cov` (2x2, pixels^2)."""
+    inv = torch.linalg.inv(torch.tensor(cov, dtype=torch.float64))
+    r = torch.arange(SIZE, dtype=torch.float64) - CENTRE
+    x, y = r.view(1, -1).expand(SIZE, SIZE), r.view(-1, 1).expand(SIZE, SIZE)  # column, row offsets
+    q = inv[0, 0] * x * x + 2 * inv[0, 1] * x * y + inv[1, 1] * y * y
+    alpha = (opacity * torch.exp(-0.5 * q)).clamp_max(0.99)
+    return torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))
+
+
+def test_a_round_gaussian_on_the_axis_is_the_pinhole_scaled_disk():
+    """sigma 0.1 at distance 2: image variance (f sigma / D)^2 + 0.3 px^2, centred on the optical axis."""
+    out = renderer(background=(0.0, 0.0, 0.0))(Fixed(one((0, 0, 0), (0.1, 0.1, 0.1), 0.8, (1.0, 0.5, 0.25))),
+                                               front_camera(torch.float64))
+    s2 = (F * 0.1 / D) ** 2 + 0.3
+    alpha = by_hand([[s2, 0.0], [0.0, s2]], 0.8)
+    assert torch.allclose(out.opacity[0, ..., 0].double(), alpha, atol=1e-6)
+    assert torch.allclose(out.rgb[0].double(), alpha.unsqueeze(-1) * torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64),
+                          atol=1e-6)
+    assert torch.allclose(out.depth[0, ..., 0].double(), alpha * D, atol=1e-5)  # the mean's distance, blended
+
+
+def test_an_oriented_gaussian_gives_the_hand_worked_image_covariance():
+    """Scales (0.3, 0.2, 0.05) along world x, y, z, turned 30 degrees about x (the viewing axis): the image sees
+    the y-z ellipse, rotated by 30 degrees, with rows running down (-z)."""
+    angle = math.radians(30)
+    q = (math.cos(angle / 2), math.sin(angle / 2), 0.0, 0.0)
+    out = renderer(background=(0.0, 0.0, 0.0))(Fixed(one((0, 0, 0), (0.3, 0.2, 0.05), 0.9, (1, 1, 1), q)),
+                                               front_camera(torch.float64))
+    c, s = math.cos(angle), math.sin(angle)
+    rot = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)  # in the world's (y, z) plane
+    world = rot @ torch.diag(torch.tensor([0.2 ** 2, 0.05 ** 2], dtype=torch.float64)) @ rot.T
+    flip = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))  # (column, row) = (y, -z) * f / D
+    cov = (F / D) ** 2 * flip @ world @ flip + 0.3 * torch.eye(2, dtype=torch.float64)
+    assert cov[0, 1] < 0  # tilted: a real test of the off-diagonal term
+    assert torch.allclose(out.opacity[0, ..., 0].double(), by_hand(cov.tolist(), 0.9), atol=1e-6)
+
+
+def test_two_gaussians_blend_front_to_back_whatever_their_order():
+    """A red Gaussian nearer the camera over a green one: the centre pixel is a1 red + (1 - a1) a2 green over the
+    background; listing them the other way round changes nothing."""
+    near = ((0.2, 0, 0), (0.1, 0.1, 0.1), 0.6, (1.0, 0.0, 0.0))
+    far = ((-0.2, 0, 0), (0.1, 0.1, 0.1), 0.7, (0.0, 1.0, 0.0))
+    images = []
+    for pair in ((near, far), (far, near)):
+        gs = [one(*g) for g in pair]
+        g = Gaussians(*(torch.cat(parts) for parts in zip(*gs)))
+        images.append(renderer(background=(0.0, 0.0, 1.0))(Fixed(g), front_camera(torch.float64)))
+    assert torch.equal(images[0].rgb, images[1].rgb) and torch.equal(images[0].depth, images[1].depth)
+    # pixel (7, 7) is half a pixel from the axis in each direction
+    a1 = 0.6 * math.exp(-0.5 * 0.5 / ((F * 0.1 / (D - 0.2)) ** 2 + 0.3))
+    a2 = 0.7 * math.exp(-0.5 * 0.5 / ((F * 0.1 / (D + 0.2)) ** 2 + 0.3))
+    expect = [a1, (1 - a1) * a2, (1 - a1) * (1 - a2)]
+    assert images[0].rgb[0, 7, 7].tolist() == pytest.approx(expect, abs=1e-6)
+    assert images[0].opacity[0, 7, 7, 0].item() == pytest.approx(1 - (1 - a1) * (1 - a2), abs=1e-6)
+    assert images[0].depth[0, 7, 7, 0].item() == pytest.approx(a1 * (D - 0.2) + (1 - a1) * a2 * (D + 0.2), abs=1e-5)
+
+
+def test_a_gaussian_behind_the_camera_draws_nothing():
+    out = renderer()(Fixed(one((3.0, 0, 0), (0.1, 0.1, 0.1), 0.9, (0, 0, 0))), front_camera(torch.float64))
+    assert torch.equal(out.opacity, torch.zeros_like(out.opacity)) and torch.equal(out.rgb, torch.ones_like(out.rgb))
+
+
+def test_gradients_match_finite_differences():
+    """Every parameter of three Gaussians (means, log-scales, quaternions, opacity and colour logits), through
+    projection, sorting and blending, in float64, lambertian shading (normals from the shortest axis)."""
+    cloud = GaussianCloud(num_points=3, init_radius=0.3, init_scale=0.15, init_opacity=0.5, seed=3).double()
+    with torch.no_grad():
+        cloud.rotations.copy_(torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+        cloud.color_logits.copy_(torch.randn(3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+        cloud.log_scales.add_(torch.tensor([[0.0, 0.3, -0.4], [0.2, -0.3, 0.0], [-0.2, 0.0, 0.4]], dtype=torch.float64))
+    cams = orbit_cameras(torch.tensor([30.0, 200.0]), 20.0, D, FOVY, 8)
+    cams = replace(cams, c2w=cams.c2w.double(), fovy_deg=cams.fovy_deg.double(), light_position=cams.light_position.double())
+    render = renderer(background=(0.2, 0.3, 0.4))
+    weights = torch.rand(2, 8, 8, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    g0 = cloud.gaussians()
+    values = [v.detach().clone().requires_grad_(True) for v in
+              (cloud.means, cloud.log_scales, cloud.rotations, cloud.opacity_logits, cloud.color_logits)]
+    assert torch.equal(g0.scales, values[1].exp()) and torch.equal(g0.colors, torch.sigmoid(values[4]))
+
+    def through(means, log_scales, rotations, opacity_logits, color_logits):  # GaussianCloud.gaussians(), then render
+        g = Gaussians(means, log_scales.exp(), torch.nn.functional.normalize(rotations, dim=-1),
+                      torch.sigmoid(opacity_logits), torch.sigmoid(color_logits))
+        out = render(Fixed(g), cams, shading="lambertian", with_normals=True)
+        return (out.rgb * weights).sum() + out.depth.sum() * 0.1 + out.normal.sum() * 0.01
+
+    assert torch.autograd.gradcheck(through, values, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_the_cloud_satisfies_the_contract_and_starts_in_its_ball():
+    cloud = GaussianCloud(num_points=500, init_radius=0.4, init_scale=0.05, init_opacity=0.2, seed=0)
+    assert isinstance(cloud, GaussianField)
+    g = cloud.gaussians()
+    assert g.means.norm(dim=-1).max() <= 0.4 and g.means.norm(dim=-1).max() > 0.35  # uniform in the ball's volume
+    assert torch.allclose(g.scales, torch.full((500, 3), 0.05)) and torch.allclose(g.opacities, torch.full((500,), 0.2))
+    assert sorted(cloud.param_groups()) == ["colors", "means", "opacities", "rotations", "scales"]
+    assert torch.allclose(quaternion_to_matrix(torch.tensor([[math.cos(0.5), 0, 0, math.sin(0.5)]])),
+                          torch.tensor([[[math.cos(1), -math.sin(1), 0], [math.sin(1), math.cos(1), 0], [0, 0, 1]]]),
+                          atol=1e-6)
