@@ -10,15 +10,17 @@ The torch path, written for this project (the CPU's; gsplat's CUDA kernels compo
   eps2d = 0.3 px^2 the low-pass filter of 3DGS and gsplat;
 - pixels: the project's pinhole (OpenGL axes, docs/conventions.md) with pixel (row i, column j) centred on
   CameraBatch.rays()' ray through it, row 0 at the top;
-- compositing: each Gaussian's alpha at a pixel centre, opacity * exp(-d^T Sigma^-1 d / 2), capped at 0.99 and
-  dropped below 1/255 (gsplat's rules), blended front to back in the order of the means' depths:
-  C = sum_i c_i a_i prod_{j<i} (1 - a_j), opacity = 1 - prod_i (1 - a_i), depth the same blend of the means'
-  distances; the background fills 1 - opacity. Dense over Gaussians x pixels, in chunks of pixels.
+- compositing: each Gaussian's alpha at a pixel centre within 3 standard deviations of its mean along x and y,
+  opacity * exp(-d^T Sigma^-1 d / 2), capped at 0.99 and dropped below 1/255 (gsplat's rules), blended front to
+  back in the order of the means' depths: C = sum_i c_i a_i prod_{j<i} (1 - a_j), opacity = 1 - prod_i (1 - a_i),
+  depth the same blend of the means' distances; the background fills 1 - opacity (composite()).
 
 Shading: a Gaussian's normal (for lambertian / textureless shading and the normal image) is its shortest axis,
 turned towards the camera; its colour is shaded once per camera, then blended.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ from perpneg3d.contracts import Gaussians
 from perpneg3d.geometry.gaussians import quaternion_to_matrix
 from perpneg3d.random_streams import RandomStreams
 from perpneg3d.renderer.volume_renderer import RenderOutput
-from perpneg3d.validation import NonNegativeFloat, PositiveFloat, PositiveInt, validated
+from perpneg3d.validation import NonNegativeFloat, PositiveFloat, validated
 
 ALPHA_MAX, ALPHA_MIN = 0.99, 1.0 / 255.0
 CLAMP_FOV = 1.3  # the Jacobian's x/z, y/z limit in half-widths of the image (gsplat's)
@@ -77,46 +79,73 @@ def normals_towards(gaussians: Gaussians, eyes: Tensor) -> Tensor:
     return torch.where(facing < 0, -normal, normal).expand(eyes.shape[0], -1, -1)
 
 
+def conic_and_radius(cov2d: Tensor) -> tuple[Tensor, Tensor]:
+    """The inverse image covariances as (a, b, c) of a x^2 + 2 b x y + c y^2 [...,3], and each footprint's
+    radius, 3 standard deviations along its longest axis [...] (gsplat's, with its 0.1 floor under the
+    eigenvalues' spread)."""
+    a, b, c = cov2d[..., 0, 0], cov2d[..., 0, 1], cov2d[..., 1, 1]
+    det = a * c - b * b
+    conic = torch.stack([c, -b, a], -1) / det.unsqueeze(-1)
+    mid = 0.5 * (a + c)
+    largest = mid + (mid * mid - det).clamp_min(0.1).sqrt()
+    return conic, 3.0 * largest.sqrt()
+
+
 def composite(mean2d: Tensor, cov2d: Tensor, depth: Tensor, opacities: Tensor, features: Tensor, height: int,
-              width: int, near: float, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+              width: int, near: float) -> tuple[Tensor, Tensor]:
     """Front-to-back alpha blending at every pixel centre: (blended features [B,H,W,C], opacity [B,H,W,1]).
-    features [B,N,C] (colours, depths, normals, ...); Gaussians nearer than `near` draw nothing."""
+    features [B,N,C] (colours, depths, normals, ...); Gaussians nearer than `near` draw nothing.
+
+    Each Gaussian draws only the pixel centres within its radius (3 standard deviations, as gsplat's bounding
+    box) along x and y: the (Gaussian, pixel) pairs inside are gathered, sorted by pixel and then depth, and the
+    transmittance in front of each pair is the exclusive sum of log(1 - alpha) over its pixel's earlier pairs
+    (a cumulative sum in float64, restarted at each pixel), so the cost grows with the Gaussians' footprints,
+    not Gaussians x pixels."""
     b, n = depth.shape
-    order = depth.argsort(dim=1)  # front to back
-    take = lambda t: t.gather(1, order.view(b, n, *([1] * (t.dim() - 2))).expand_as(t))  # noqa: E731
-    mean2d, cov2d, depth, features = take(mean2d), take(cov2d), take(depth), take(features)
-    peak = opacities[order] * (depth > near).to(opacities.dtype)  # [B,N]
-    det = cov2d[..., 0, 0] * cov2d[..., 1, 1] - cov2d[..., 0, 1] * cov2d[..., 1, 0]
-    conic = torch.stack([cov2d[..., 1, 1], -cov2d[..., 0, 1], cov2d[..., 0, 0]], -1) / det.unsqueeze(-1)  # [B,N,3]
-    rows = torch.arange(height, device=depth.device, dtype=mean2d.dtype)
-    cols = torch.arange(width, device=depth.device, dtype=mean2d.dtype)
-    pixels = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), -1).view(-1, 2)  # [P,2] (x = column, y = row)
-    blended, coverage = [], []
-    for part in pixels.split(chunk):
-        d = part.view(1, 1, -1, 2) - mean2d.unsqueeze(2)  # [B,N,P,2]
-        power = -0.5 * (conic[..., 0:1] * d[..., 0] ** 2 + 2 * conic[..., 1:2] * d[..., 0] * d[..., 1]
-                        + conic[..., 2:3] * d[..., 1] ** 2)
-        alpha = (peak.unsqueeze(-1) * power.clamp_max(0).exp()).clamp_max(ALPHA_MAX)
-        alpha = torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))  # [B,N,P]
-        transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1]], 1), 1)
-        weights = alpha * transmittance
-        blended.append(torch.einsum("bnp,bnc->bpc", weights, features))
-        coverage.append(weights.sum(1))
-    out = torch.cat(blended, 1).view(b, height, width, -1)
-    return out, torch.cat(coverage, 1).view(b, height, width, 1)
+    conic, radius = conic_and_radius(cov2d)
+    live = (depth > near) & (opacities.unsqueeze(0) > 0)
+    # window half-width around the nearest pixel centre: radius + 0.5 covers every centre within radius of the mean
+    reach = int(math.ceil(float(radius.detach()[live].max()) + 0.5)) if bool(live.any()) else 0  # the CPU path's host read
+    reach = min(reach, max(height, width))
+    steps = torch.arange(-reach, reach + 1, device=depth.device, dtype=mean2d.dtype)
+    offsets = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1).view(1, 1, -1, 2)  # [1,1,K,2]
+    centres = mean2d.detach().round().unsqueeze(2) + offsets  # [B,N,K,2] pixel centres near each mean
+    d = centres - mean2d.unsqueeze(2)
+    inside = ((centres[..., 0] >= 0) & (centres[..., 0] <= width - 1) & (centres[..., 1] >= 0)
+              & (centres[..., 1] <= height - 1) & (d.detach().abs() <= radius.unsqueeze(-1).unsqueeze(-1)).all(-1)
+              & live.unsqueeze(-1))
+    power = -0.5 * (conic[..., 0:1] * d[..., 0] ** 2 + 2 * conic[..., 1:2] * d[..., 0] * d[..., 1]
+                    + conic[..., 2:3] * d[..., 1] ** 2)
+    alpha = (opacities.view(1, n, 1) * power.clamp_max(0).exp()).clamp_max(ALPHA_MAX)
+    keep = inside & (alpha.detach() >= ALPHA_MIN)
+    bi, gi, ki = keep.nonzero(as_tuple=True)
+    pixel = (bi * height + centres[bi, gi, ki, 1].long()) * width + centres[bi, gi, ki, 0].long()
+    rank = depth.detach().argsort(1).argsort(1)[bi, gi]  # each Gaussian's place front to back in its camera
+    order = (pixel * n + rank).argsort()
+    pixel, a = pixel[order], alpha[bi, gi, ki][order]
+    feats = features[bi, gi][order]
+    log_clear = torch.log1p(-a.double())
+    before = torch.cumsum(log_clear, 0) - log_clear  # sum over every earlier pair, all pixels
+    first = torch.ones_like(pixel, dtype=torch.bool)
+    first[1:] = pixel[1:] != pixel[:-1]
+    start = torch.where(first, torch.arange(len(pixel), device=pixel.device), 0).cummax(0).values
+    transmittance = (before - before[start]).exp().to(a.dtype)  # restarted at the pixel's first pair
+    weights = a * transmittance
+    out = features.new_zeros(b * height * width, features.shape[-1]).index_add(0, pixel, weights.unsqueeze(-1) * feats)
+    coverage = features.new_zeros(b * height * width).index_add(0, pixel, weights)
+    return out.view(b, height, width, -1), coverage.view(b, height, width, 1)
 
 
 class GaussianRenderer(nn.Module):
     """Renders a GaussianField as the volume renderer's RenderOutput (rgb over the background, opacity, depth,
     normals); the same materials and backgrounds. near: Gaussians closer to the camera draw nothing; eps2d: the
-    image-space low-pass filter (px^2); chunk: pixels composited at once (memory: B x N x chunk floats)."""
+    image-space low-pass filter (px^2)."""
 
     @validated("renderer")
-    def __init__(self, background: nn.Module, material, near: PositiveFloat = 0.05, eps2d: NonNegativeFloat = 0.3,
-                 chunk: PositiveInt = 4096):
+    def __init__(self, background: nn.Module, material, near: PositiveFloat = 0.05, eps2d: NonNegativeFloat = 0.3):
         super().__init__()
         self.background, self.material = background, material
-        self.near, self.eps2d, self.chunk = near, eps2d, chunk
+        self.near, self.eps2d = near, eps2d
 
     backend = "splatting (torch)"
 
@@ -145,8 +174,7 @@ class GaussianRenderer(nn.Module):
                                      shading).view(b, n, 3)
         distance = (g.means.unsqueeze(0) - eyes.unsqueeze(1)).norm(dim=-1, keepdim=True)  # [B,N,1]
         features = [colors, distance] + ([normals] if with_normals else [])
-        out, opacity = composite(mean2d, cov2d, depth, g.opacities, torch.cat(features, -1), h, w, self.near,
-                                 self.chunk)
+        out, opacity = composite(mean2d, cov2d, depth, g.opacities, torch.cat(features, -1), h, w, self.near)
         _, dirs = cameras.rays()
         background = self.background(dirs.reshape(-1, 3), rng).view(b, h, w, 3)
         rgb = out[..., :3] + (1 - opacity) * background
