@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import TINY_TOY, subprocess_env
+from helpers import TINY_GAUSSIANS, TINY_TOY, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,8 @@ SKIPPED = {
     'python train.py prompt="a westie" seed=3 guidance.guidance_scale=75 trainer.max_steps=5000': "Stable Diffusion",
     'python train.py prompt="a corgi standing" prompts=plain': "Stable Diffusion",
     'python train.py prompt="a corgi standing" prompts/schedule=stable_dreamfusion': "Stable Diffusion",
+    'python train.py prompt="a corgi standing" geometry=gaussians renderer=gaussians trainer=gaussians':
+        "Stable Diffusion; the same geometry, renderer and trainer run offline as experiment=toy_gaussians",
     "python train.py '~guidance.denoiser' '+guidance.denoiser={_target_:my_pkg.MyPrior,resolution:64}'":
         "my_pkg is the user's package; the same override with tests/external_prior.py runs in tests/test_training.py",
     "python train.py -m 'prompt=\"a corgi standing\",\"a westie\"' seed=0,1,2 hydra/launcher=submitit_slurm "
@@ -129,8 +131,10 @@ def offline(command: str, places: dict) -> str:
     if words[:2] == ["python", "train.py"] and any(w.startswith("refine=") for w in words):
         command += " " + " ".join(REFINE_TINY) + f" out_dir={out}"
     elif words[:2] == ["python", "train.py"] and not any(w.startswith("-") and w != "-m" for w in words[2:]):
+        tiny = [o for o in TINY_GAUSSIANS if o != "experiment=toy_gaussians"] if "experiment=toy_gaussians" in words \
+            else TINY
         if not any(w.startswith("resume=") for w in words):
-            command += " " + " ".join(shlex.quote(o) for o in TINY) + f" out_dir={out}"
+            command += " " + " ".join(shlex.quote(o) for o in tiny) + f" out_dir={out}"
         if "then_refine=true" in words:
             command += " " + shlex.quote("refine_overrides=[" + ",".join(f'"{o}"' for o in REFINE_TINY) + "]")
     elif words[:2] == ["python", "scripts/sample_2d.py"]:
