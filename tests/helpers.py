@@ -23,6 +23,7 @@ TINY_GAUSSIANS = [
     "experiment=toy_gaussians", "guidance.denoiser.dataset.num_images=300", "geometry.num_points=256",
     "cameras.heights=[16]", "cameras.widths=[16]", "trainer.max_steps=6", "trainer.val_every=3", "trainer.ckpt_every=3",
     "trainer.val_resolution=16", "trainer.turntable_frames=4", "trainer.turntable_resolution=16", "trainer.progress=false",
+    "export.resolution=24",
 ]
 
 

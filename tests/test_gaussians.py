@@ -202,7 +202,7 @@ def test_many_gaussians_equal_a_pixel_by_pixel_loop():
 
 def test_a_gaussian_toy_run_trains_and_resumes_exactly(tmp_path):
     """experiment=toy_gaussians through train.py's path: the Gaussians move, every artefact of a run is written
-    (no mesh yet), and 5 steps + a resume to 8 end bit-identical to 8 straight."""
+    (the mesh from their density), and 5 steps + a resume to 8 end bit-identical to 8 straight."""
     from helpers import TINY_GAUSSIANS, compose_train
     from perpneg3d.training.checkpoint import latest_valid_checkpoint
     from perpneg3d.training.run import train
@@ -219,6 +219,28 @@ def test_a_gaussian_toy_run_trains_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     start = GaussianCloud(num_points=256)
     assert not torch.equal(a["means"], start.means.detach()) and not torch.equal(a["color_logits"], start.color_logits.detach())
-    for name in ("config.yaml", "metrics.json", "turntable.mp4"):
+    for name in ("config.yaml", "metrics.json", "turntable.mp4", "mesh.glb"):
         assert (straight / name).is_file(), name
-    assert not list(straight.glob("mesh.*"))
+    import trimesh
+
+    mesh = trimesh.load(straight / "mesh.glb", force="mesh")
+    assert len(mesh.faces) > 100 and mesh.extents.max() < 1.6  # the Gaussians' density, in Blender's metre units
+
+
+def test_the_density_for_export_is_as_opaque_as_the_splat():
+    """One round Gaussian of opacity 0.6: its density integrated along a line through its centre is -log(1 - 0.6)
+    up to the 3-sigma cut (erf(3 / sqrt 2) of it), so the exported surface sits where renders turn opaque; the
+    sum and the colour do not depend on how the points are chunked."""
+    cloud = GaussianCloud(num_points=1, init_radius=0.01, init_scale=0.1, init_opacity=0.6).double()
+    with torch.no_grad():
+        cloud.means.zero_()
+    s = torch.linspace(-0.5, 0.5, 20001, dtype=torch.float64)
+    line = torch.stack([s, 0.2 * s, torch.zeros_like(s)], -1) / math.sqrt(1.04)  # a unit-speed line through the centre
+    with torch.no_grad():
+        depth = torch.trapezoid(cloud.density(line), s)
+        assert depth.item() == pytest.approx(-math.log(0.4) * math.erf(3 / math.sqrt(2)), rel=1e-4)
+        assert cloud.density(torch.tensor([[0.31, 0.0, 0.0]], dtype=torch.float64)).item() == 0.0  # beyond 3 sigma
+        many = GaussianCloud(num_points=200, init_radius=0.6, init_scale=0.08, seed=2).double()
+        pts = torch.rand(3000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.6 - 0.8
+        assert torch.allclose(many.density(pts, chunk=3000), many.density(pts, chunk=97), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(many.albedo(pts, chunk=3000), many.albedo(pts, chunk=97), rtol=1e-12, atol=1e-12)

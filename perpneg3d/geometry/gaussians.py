@@ -11,7 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from perpneg3d.contracts import Gaussians
 from perpneg3d.errors import ConfigError
@@ -68,3 +68,37 @@ class GaussianCloud(nn.Module):
 
     def update_step(self, step: int) -> None:
         """No schedule of its own (densification, when it comes, is the trainer's call: docs/architecture.md)."""
+
+    # -- point queries: mesh export (the existing marching cubes and colour paths) ----------------------------
+    def _weights(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """The Gaussians that reach points [P,3], and their volume densities there [P,M]: kappa_i exp(-m_i(p) / 2)
+        with m the squared Mahalanobis distance, cut beyond 3 standard deviations (m > 9, as the splats are), and
+        kappa_i = -log(1 - opacity_i) / (sqrt(2 pi) sigma_i), sigma_i the geometric mean of its scales, so a ray
+        through a round Gaussian's centre accumulates optical depth -log(1 - opacity): the density's renders are
+        as opaque as the splats, and export.threshold=auto finds their surface. Only Gaussians whose 3-sigma box
+        meets the points' bounding box are evaluated."""
+        g = self.gaussians()
+        reach = 3 * g.scales.max(-1).values.unsqueeze(-1)
+        lo, hi = points.min(0).values, points.max(0).values
+        near = ((g.means - reach <= hi) & (g.means + reach >= lo)).all(-1).nonzero().squeeze(-1)
+        axes = quaternion_to_matrix(g.rotations[near])  # [M,3,3], columns the Gaussian's axes
+        scales = g.scales[near]
+        sigma = scales.prod(-1) ** (1 / 3)
+        kappa = -torch.log1p(-g.opacities[near].clamp_max(1 - 1e-6)) / (math.sqrt(2 * math.pi) * sigma)
+        local = torch.einsum("pnj,njk->pnk", points.unsqueeze(1) - g.means[near].unsqueeze(0), axes) / scales
+        m = (local * local).sum(-1)
+        return near, torch.where(m <= 9.0, kappa * torch.exp(-0.5 * m), torch.zeros_like(m))
+
+    def density(self, points: Tensor, chunk: int = 2048) -> Tensor:
+        """[P] the sum of the Gaussians' volume densities (_weights) at points [P,3]."""
+        return torch.cat([self._weights(part)[1].sum(-1) for part in points.split(chunk)]) if len(points) else \
+            points.new_zeros(0)
+
+    def albedo(self, points: Tensor, chunk: int = 2048) -> Tensor:
+        """[P,3] the density-weighted mean colour of the Gaussians at points [P,3] (grey where none reaches)."""
+        colors = self.gaussians().colors
+        out = []
+        for part in points.split(chunk):
+            near, w = self._weights(part)
+            out.append((w @ colors[near] + 0.5 * 1e-12) / (w.sum(-1, keepdim=True) + 1e-12))
+        return torch.cat(out) if out else points.new_zeros(0, 3)
