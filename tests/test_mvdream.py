@@ -1,0 +1,114 @@
+"""MVDream's multi-view UNet in diffusers' layout (issue 29, first part): its cameras on hand-worked cases, and a
+tiny random UNet: with one view and no camera it is the plain UNet; a group's views see each other and nothing
+else; the joint attention equals running each group alone."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from perpneg3d.cameras.camera_batch import orbit_cameras
+from perpneg3d.guidance.mvdream import mvdream_cameras, multiview_unet
+
+TINY = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8)
+
+
+def mvdream_get_camera(elevation, azimuth):
+    """MVDream's camera for (elevation, azimuth), worked out by hand from its definition (camera_utils.py): a
+    y-up world with the camera at (cos e sin a, sin e, cos e cos a) looking at the origin, OpenGL axes, then the
+    world's y and z swapped by its fixed flip (x, y, z) -> (x, -z, y), translation on the unit sphere."""
+    e, a = math.radians(elevation), math.radians(azimuth)
+    pos = torch.tensor([math.cos(e) * math.sin(a), math.sin(e), math.cos(e) * math.cos(a)], dtype=torch.float64)
+    forward = -pos / pos.norm()
+    right = torch.linalg.cross(forward, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    right = right / right.norm()
+    up = torch.linalg.cross(right, forward)
+    m = torch.eye(4, dtype=torch.float64)
+    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = right, up, -forward, pos
+    flip = torch.tensor([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.float64)
+    return (flip @ m).reshape(16)
+
+
+def test_the_front_camera_by_hand():
+    """Azimuth 0, elevation 0 (perpneg3d: at +x looking at the origin, z up): MVDream's camera sits at -y with
+    its right along +x and its up along +z."""
+    cams = orbit_cameras(torch.tensor([0.0]), 0.0, 2.0, 40.0, 8)
+    assert mvdream_cameras(cams.c2w)[0].tolist() == pytest.approx(
+        [1, 0, 0, 0, 0, 0, -1, -1, 0, 1, 0, 0, 0, 0, 0, 1], abs=1e-6)
+
+
+@pytest.mark.parametrize("azimuth,elevation", [(0, 15), (90, 15), (180, 0), (-90, 30), (45, 60), (-135, 5)])
+def test_cameras_match_mvdreams_definition_at_the_same_azimuth_and_elevation(azimuth, elevation):
+    cams = orbit_cameras(torch.tensor([float(azimuth)]), float(elevation), 2.3, 40.0, 8)
+    assert torch.allclose(mvdream_cameras(cams.c2w.double())[0], mvdream_get_camera(elevation, azimuth), atol=1e-6)
+
+
+def tiny_pair(num_views):
+    """A plain tiny UNet (weights re-drawn from N(0, 0.2): zero-initialised output layers hide attention bugs) and
+    the multi-view UNet holding its weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    plain = UNet2DConditionModel(**TINY)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.2)
+    mv = multiview_unet(plain.config, num_views, plain.state_dict())
+    with torch.no_grad():
+        for p in mv.class_embedding.parameters():
+            p.normal_(0, 0.2)
+    return plain.eval(), mv.eval()
+
+
+def run(unet, x, t, emb, cameras):
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=emb, class_labels=cameras).sample
+
+
+def inputs(rows, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, 4, 8, 8, generator=g), torch.randint(0, 1000, (rows,), generator=g),
+            torch.randn(rows, 7, 32, generator=g), torch.randn(rows, 16, generator=g))
+
+
+def test_one_view_without_the_camera_is_the_plain_unet():
+    plain, mv = tiny_pair(1)
+    with torch.no_grad():  # the camera MLP's output layer zeroed: it adds nothing to the timestep embedding
+        mv.class_embedding.linear_2.weight.zero_()
+        mv.class_embedding.linear_2.bias.zero_()
+    x, t, emb, cams = inputs(3)
+    with torch.no_grad():
+        want = plain(x, t, encoder_hidden_states=emb).sample
+    assert torch.allclose(run(mv, x, t, emb, cams), want, atol=1e-5)
+    assert want.abs().mean() > 0.1
+
+
+def test_a_groups_views_see_each_other_and_nothing_else():
+    """Two groups of 4: changing view 1 of group 0 changes every view of group 0 and leaves group 1 bit-identical;
+    the camera changes the output too."""
+    _, mv = tiny_pair(4)
+    x, t, emb, cams = inputs(8)
+    t[4:] = t[0]  # one timestep per group, as the guidance will draw
+    t[:4] = t[0]
+    base = run(mv, x, t, emb, cams)
+    x2 = x.clone()
+    x2[1] += 0.5
+    moved = run(mv, x2, t, emb, cams)
+    change = (moved - base).flatten(1).abs().amax(1)
+    assert (change[[0, 2, 3]] > 1e-4).all() and torch.equal(moved[4:], base[4:])
+    cams2 = cams.clone()
+    cams2[5] += 1.0
+    assert not torch.allclose(run(mv, x, t, emb, cams2)[4:], base[4:], atol=1e-4)
+
+
+def test_the_joint_attention_equals_each_group_run_alone():
+    _, mv = tiny_pair(4)
+    x, t, emb, cams = inputs(8)
+    both = run(mv, x, t, emb, cams)
+    alone = torch.cat([run(mv, x[i:i + 4], t[i:i + 4], emb[i:i + 4], cams[i:i + 4]) for i in (0, 4)])
+    assert torch.allclose(both, alone, atol=1e-5)
+    with pytest.raises(ValueError, match="6 images do not form groups of 4 views"):
+        run(mv, *(v[:6] for v in inputs(8)))
