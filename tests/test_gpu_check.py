@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_cpu_tiny_mode_writes_its_report(tmp_path):
     done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--tiny", "--skip-pytest",
-                           "--out", str(tmp_path)], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                           "--steps", "1", "--warmup", "0", "--out", str(tmp_path)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True,
                           timeout=900)  # a guard against a hang: under load the tiny check takes minutes
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_report.json").read_text())

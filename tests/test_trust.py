@@ -149,7 +149,7 @@ def test_older_checkpoint_then_ctrl_c_then_resume_is_one_history(tmp_path):
     """The issue's scenario from the command line: resume from step 3 of a finished run, Ctrl-C, resume
     the folder as printed: it ends at max_steps with the uninterrupted run's weights, and the abandoned
     checkpoints are on disk."""
-    base = SHORT + ["trainer.max_steps=150", "trainer.ckpt_every=3", "trainer.keep_checkpoints=1000", "trainer.log_every=1", f"out_dir={tmp_path}"]
+    base = SHORT + ["trainer.max_steps=100", "trainer.ckpt_every=3", "trainer.keep_checkpoints=1000", "trainer.log_every=1", f"out_dir={tmp_path}"]
     straight = cli(*base, "name=straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
     first = cli(*base, "name=run")
@@ -159,7 +159,7 @@ def test_older_checkpoint_then_ctrl_c_then_resume_is_one_history(tmp_path):
                             stderr=subprocess.PIPE, text=True)
     assert first.returncode == 0
     deadline = time.time() + 240
-    while time.time() < deadline and not 10 <= json.loads((run / "progress.json").read_text())["step"] < 150:
+    while time.time() < deadline and not 10 <= json.loads((run / "progress.json").read_text())["step"] < 100:
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -170,7 +170,7 @@ def test_older_checkpoint_then_ctrl_c_then_resume_is_one_history(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert torch.equal(final_table(run), final_table(next((tmp_path / "straight").iterdir())))
     aside = next((run / "abandoned").iterdir())
-    assert sorted(p.name for p in (aside / "ckpts").iterdir())[-1] == "step_0000150.ckpt"
+    assert sorted(p.name for p in (aside / "ckpts").iterdir())[-1] == "step_0000100.ckpt"
 
 
 # -- 4. an export refused after training ----------------------------------------------------------
