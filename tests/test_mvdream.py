@@ -112,3 +112,28 @@ def test_the_joint_attention_equals_each_group_run_alone():
     assert torch.allclose(both, alone, atol=1e-5)
     with pytest.raises(ValueError, match="6 images do not form groups of 4 views"):
         run(mv, *(v[:6] for v in inputs(8)))
+
+
+def test_camera_groups_share_all_but_the_azimuth():
+    """views_per_group=4, batch 8: two groups of four consecutive cameras, each sharing elevation, distance, fov
+    and pose perturbation, azimuths 90 degrees apart from a stratified start; views_per_group=1 draws what the
+    sampler always drew (the same random stream)."""
+    from perpneg3d.cameras.random_cameras import RandomCameras
+    from perpneg3d.cameras.camera_batch import wrap_azimuth
+    from perpneg3d.errors import ConfigError
+
+    cams = RandomCameras(batch_size=8, views_per_group=4).sample(0, torch.Generator().manual_seed(3))
+    az = cams.azimuth_deg.view(2, 4)
+    assert torch.allclose(wrap_azimuth(az - az[:, :1]), torch.tensor([0.0, 90.0, 180.0, -90.0]).expand(2, 4), atol=1e-4)
+    for values in (cams.elevation_deg, cams.distance, cams.fovy_deg):
+        v = values.view(2, 4)
+        assert torch.equal(v, v[:, :1].expand(2, 4)) and v[0, 0] != v[1, 0]
+    eye = cams.c2w[:, :3, 3].view(2, 4, 3)
+    assert torch.allclose(eye.norm(dim=-1)[0], eye.norm(dim=-1)[0, 0].expand(4), atol=0.2)  # perturbed, one sphere
+    assert torch.equal(cams.light_position[0], cams.light_position[0]) and not torch.equal(cams.light_position[0], cams.light_position[1])
+    one = RandomCameras(batch_size=8).sample(0, torch.Generator().manual_seed(3))
+    again = RandomCameras(batch_size=8, views_per_group=1).sample(0, torch.Generator().manual_seed(3))
+    assert torch.equal(one.c2w, again.c2w) and torch.equal(one.light_position, again.light_position)
+    with pytest.raises(ConfigError, match=r"cameras.batch_size=6 must be a multiple of cameras.views_per_group=4 .*"
+                                          r"use cameras.batch_size=4"):
+        RandomCameras(batch_size=6, views_per_group=4)

@@ -36,6 +36,9 @@ class RandomCameras:
     light_distance_range. The render size steps through `heights`/`widths` at `resolution_milestones`.
     progressive_until > 0 is an azimuth curriculum (threestudio's `progressive_until`): the azimuth range
     grows linearly from the front view (0) to azimuth_range by that step, r = min(1, step / (N + 1)).
+    views_per_group = f > 1 (a multi-view prior, MVDream: f = 4) draws B / f groups of f consecutive cameras: each
+    group one start azimuth (stratified across the groups), elevation, distance, fov and pose perturbation, its
+    views at the start plus 0, 360/f, 2 * 360/f, ... degrees; each camera its own light.
     """
 
     @validated("cameras")
@@ -57,8 +60,12 @@ class RandomCameras:
         light_position_perturb: NonNegativeFloat = 1.0,
         elevation_sphere_prob: Probability = 0.0,  # earlier runs: angle only; configs set 0.5 (threestudio)
         progressive_until: NonNegativeInt = 0,
+        views_per_group: PositiveInt = 1,
     ):
         heights, widths = list(heights), list(widths or heights)
+        require(batch_size % views_per_group == 0,
+                f"cameras.batch_size={batch_size} must be a multiple of cameras.views_per_group={views_per_group} "
+                f"(whole groups of views): use cameras.batch_size={views_per_group * max(1, batch_size // views_per_group)}")
         require(len(heights) == len(widths) == len(resolution_milestones) + 1,
                 f"cameras: {len(heights)} heights need {len(heights) - 1} resolution_milestones, got {list(resolution_milestones)}")
         self.batch_size, self.heights, self.widths = batch_size, heights, widths
@@ -69,6 +76,7 @@ class RandomCameras:
         self.camera_perturb, self.center_perturb, self.up_perturb = camera_perturb, center_perturb, up_perturb
         self.light_distance_range, self.light_position_perturb = tuple(light_distance_range), light_position_perturb
         self.elevation_sphere_prob, self.progressive_until = elevation_sphere_prob, progressive_until
+        self.views_per_group = views_per_group
 
     def middle(self) -> tuple[float, float]:
         """(distance, fovy_deg) at the middle of the distribution: where a result is meant to be seen
@@ -105,19 +113,24 @@ class RandomCameras:
     def sample(self, step: int, generator: torch.Generator) -> CameraBatch:
         """Cameras for training step `step`, drawn from `generator` on its own device (the training
         device in train.py: the cameras are made there, nothing is copied)."""
-        b, g, dev = self.batch_size, generator, generator.device
+        b, g, dev, f = self.batch_size, generator, generator.device, self.views_per_group
+        n = b // f  # groups (f = 1: every camera its own)
         lo, hi = self.azimuth_range_at(step)
         if self.stratified_azimuth:
-            azimuth = lo + (hi - lo) * (torch.rand(1, generator=g, device=dev) + torch.arange(b, device=dev)) / b
+            azimuth = lo + (hi - lo) * (torch.rand(1, generator=g, device=dev) + torch.arange(n, device=dev)) / n
         else:
-            azimuth = _uniform(lo, hi, b, g)
-        elevation = self.sample_elevation(b, g)
-        distance = _uniform(*self.distance_range, b, g)
-        fovy = _uniform(*self.fovy_range, b, g)
-        eye = spherical_position(azimuth, elevation, distance)
-        eye = eye + self.camera_perturb * (torch.rand(b, 3, generator=g, device=dev) * 2 - 1)
-        center = self.center_perturb * torch.randn(b, 3, generator=g, device=dev)
-        up = torch.tensor([0.0, 0.0, 1.0], device=dev).expand(b, 3) + self.up_perturb * torch.randn(b, 3, generator=g, device=dev)
+            azimuth = _uniform(lo, hi, n, g)
+        elevation = self.sample_elevation(n, g)
+        distance = _uniform(*self.distance_range, n, g)
+        fovy = _uniform(*self.fovy_range, n, g)
+        shift = self.camera_perturb * (torch.rand(n, 3, generator=g, device=dev) * 2 - 1)
+        center = self.center_perturb * torch.randn(n, 3, generator=g, device=dev)
+        up = torch.tensor([0.0, 0.0, 1.0], device=dev).expand(n, 3) + self.up_perturb * torch.randn(n, 3, generator=g, device=dev)
+        if f > 1:  # each group's values for its f views; the views 360/f degrees apart
+            azimuth = (azimuth.unsqueeze(1) + torch.arange(f, device=dev) * (360.0 / f)).reshape(-1)
+            elevation, distance, fovy, shift, center, up = (v.repeat_interleave(f, 0) for v in
+                                                            (elevation, distance, fovy, shift, center, up))
+        eye = spherical_position(azimuth, elevation, distance) + shift
         light_dir = F.normalize(eye + self.light_position_perturb * torch.randn(b, 3, generator=g, device=dev), dim=-1)
         light = light_dir * _uniform(*self.light_distance_range, b, g).unsqueeze(-1)
         height, width = self.resolution(step)
