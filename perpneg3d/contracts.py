@@ -200,6 +200,16 @@ class GaussianField(Protocol):
         ...
 
 
+@runtime_checkable
+class Densifies(Protocol):
+    """A geometry that changes its own size while it trains (3D Gaussians: clone, split, prune). The trainer calls
+    densify after every optimiser step; the geometry resizes its parameters in place (the same Parameter objects)
+    and the optimiser's per-parameter state with them, and keeps what it accumulates in its state_dict."""
+
+    def densify(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        ...
+
+
 @dataclass
 class RaySamples:
     """What a ray sampler (the CUDA marcher or the stratified CPU sampler) hands to compositing:

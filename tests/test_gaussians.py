@@ -210,15 +210,17 @@ def test_a_gaussian_toy_run_trains_and_resumes_exactly(tmp_path):
     def final(run):
         return latest_valid_checkpoint(run)[1]["geometry"]
 
-    straight = train(compose_train(TINY_GAUSSIANS + ["trainer.max_steps=8", "trainer.ckpt_every=2"], tmp_path / "a"))
-    first = train(compose_train(TINY_GAUSSIANS + ["trainer.max_steps=5", "trainer.ckpt_every=2"], tmp_path / "b"))
-    resumed = train(compose_train(TINY_GAUSSIANS + ["trainer.max_steps=8", "trainer.ckpt_every=2", f"resume={first}"],
-                                  tmp_path / "c"))
+    grow = ["geometry.densify_every=2", "geometry.densify_from=2", "geometry.grad_threshold=0.001",
+            "geometry.max_points=2000"]  # densified at steps 2, 4 | 6, 8: the count changes across the resume
+    straight = train(compose_train(TINY_GAUSSIANS + grow + ["trainer.max_steps=8", "trainer.ckpt_every=2"], tmp_path / "a"))
+    first = train(compose_train(TINY_GAUSSIANS + grow + ["trainer.max_steps=5", "trainer.ckpt_every=2"], tmp_path / "b"))
+    at5 = final(first)["means"].shape[0]
+    resumed = train(compose_train(TINY_GAUSSIANS + grow + ["trainer.max_steps=8", "trainer.ckpt_every=2",
+                                                           f"resume={first}"], tmp_path / "c"))
     a, b = final(straight), final(resumed)
-    assert sorted(a) == ["color_logits", "log_scales", "means", "opacity_logits", "rotations"]
+    assert sorted(a) == ["color_logits", "grad_count", "grad_sum", "log_scales", "means", "opacity_logits", "rotations"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    start = GaussianCloud(num_points=256)
-    assert not torch.equal(a["means"], start.means.detach()) and not torch.equal(a["color_logits"], start.color_logits.detach())
+    assert 256 < at5 < a["means"].shape[0] <= 2000  # grew before and after the resume
     for name in ("config.yaml", "metrics.json", "turntable.mp4", "mesh.glb"):
         assert (straight / name).is_file(), name
     import trimesh
@@ -244,3 +246,38 @@ def test_the_density_for_export_is_as_opaque_as_the_splat():
         pts = torch.rand(3000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.6 - 0.8
         assert torch.allclose(many.density(pts, chunk=3000), many.density(pts, chunk=97), rtol=1e-12, atol=1e-12)
         assert torch.allclose(many.albedo(pts, chunk=3000), many.albedo(pts, chunk=97), rtol=1e-12, atol=1e-12)
+
+
+def test_densify_clones_small_splits_large_prunes_faint_and_moves_adams_state():
+    """Four Gaussians after one optimiser step, with hand-set gradients: #0 small and hot (cloned), #1 large and hot
+    (split in two, 1.6 times smaller, drawn around itself), #2 cold (kept as is), #3 faint (pruned). The Parameter
+    objects stay the optimiser's; Adam's moments follow their rows and start at 0 for the new ones."""
+    cloud = GaussianCloud(num_points=4, init_scale=0.02, densify_every=1, densify_from=1, grad_threshold=0.5,
+                          split_scale=0.05, prune_opacity=0.05, seed=7)
+    with torch.no_grad():
+        cloud.log_scales[1] = math.log(0.2)
+        cloud.opacity_logits[3] = -5.0  # opacity 0.0067
+    optimizer = torch.optim.Adam([{"params": p} for p in cloud.param_groups().values() for p in p], lr=0.01)
+    cloud.means.grad = torch.tensor([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 0.1], [3.0, 0, 0]])
+    for p in (cloud.log_scales, cloud.rotations, cloud.opacity_logits, cloud.color_logits):
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    before = {k: v.detach().clone() for k, v in cloud.state_dict().items()}
+    moments = optimizer.state[cloud.means]["exp_avg"].clone()
+    params = list(cloud.parameters())
+    cloud.densify(1, optimizer)
+    assert cloud.num_points == 5 and [id(p) for p in cloud.parameters()] == [id(p) for p in params]
+    means = cloud.means.detach()
+    # rows: kept #0, #2 (the split #1 and the pruned #3 are gone), the clone of #0, two halves of #1
+    assert torch.equal(means[:2], before["means"][[0, 2]]) and torch.equal(means[2], before["means"][0])
+    halves = means[3:] - before["means"][1]
+    assert (halves.norm(dim=-1) > 0).all() and (halves.norm(dim=-1) < 0.2 * 4).all() and not torch.equal(halves[0], halves[1])
+    assert torch.allclose(cloud.log_scales[3:].detach(), before["log_scales"][[1, 1]] - math.log(1.6))
+    state = optimizer.state[cloud.means]["exp_avg"]
+    assert state.shape == (5, 3) and torch.equal(state[:2], moments[[0, 2]]) and torch.equal(state[2:], torch.zeros(3, 3))
+    assert torch.equal(cloud.grad_sum, torch.zeros(5)) and cloud.means.grad is None
+    capped = GaussianCloud(num_points=4, densify_every=1, densify_from=1, grad_threshold=0.5, max_points=5)
+    opt2 = torch.optim.Adam(capped.parameters())
+    capped.means.grad = torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 0], [0, 0, 0]])
+    capped.densify(1, opt2)
+    assert capped.num_points == 5 and torch.equal(capped.means[4], capped.means[1])  # only the hotter one cloned

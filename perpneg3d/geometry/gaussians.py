@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from perpneg3d.contracts import Gaussians
 from perpneg3d.errors import ConfigError
-from perpneg3d.validation import PositiveFloat, PositiveInt, Probability, validated
+from perpneg3d.validation import NonNegativeInt, PositiveFloat, PositiveInt, Probability, validated
 
 
 def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
@@ -34,12 +34,23 @@ class GaussianCloud(nn.Module):
     num_points: N; init_radius: the ball the means are drawn in (uniform in volume, seeded by `seed`);
     init_scale: each Gaussian's standard deviation (world units, the same along its three axes);
     init_opacity: its peak opacity; init_color: its albedo (grey by default).
+
+    Densification (3D Gaussian splatting's adaptive control, Kerbl et al. 2023; on when densify_every > 0): every
+    step adds each Gaussian's mean-gradient norm to a running sum; every `densify_every` steps from
+    `densify_from` until `densify_until`, a Gaussian whose average is above `grad_threshold` is cloned when its
+    largest scale is at most `split_scale` and split in two (positions drawn from itself, scales / 1.6) when larger;
+    Gaussians below `prune_opacity` are removed; the sums restart. Never above `max_points`: the Gaussians with the
+    largest averages go first. Draws come from a generator seeded by (seed, step), so a resumed run splits as the
+    uninterrupted one did.
     """
 
     @validated("geometry")
     def __init__(self, radius: PositiveFloat = 1.0, num_points: PositiveInt = 4096, init_radius: PositiveFloat = 0.5,
                  init_scale: PositiveFloat = 0.04, init_opacity: Probability = 0.1,
-                 init_color: tuple[float, float, float] = (0.5, 0.5, 0.5), seed: int = 0):
+                 init_color: tuple[float, float, float] = (0.5, 0.5, 0.5), seed: int = 0,
+                 densify_every: NonNegativeInt = 0, densify_from: NonNegativeInt = 100, densify_until: NonNegativeInt = 3000,
+                 grad_threshold: PositiveFloat = 0.01, split_scale: PositiveFloat = 0.05,
+                 prune_opacity: Probability = 0.005, max_points: PositiveInt = 100_000):
         super().__init__()
         if init_radius > radius:
             raise ConfigError(f"geometry.init_radius={init_radius} must not exceed geometry.radius={radius}")
@@ -56,6 +67,20 @@ class GaussianCloud(nn.Module):
         self.opacity_logits = nn.Parameter(torch.full((num_points,), math.log(init_opacity / (1 - init_opacity))))
         color = torch.tensor(init_color, dtype=torch.float32)
         self.color_logits = nn.Parameter(torch.log(color / (1 - color)).repeat(num_points, 1))
+        self.seed, self.densify_every, self.densify_from, self.densify_until = seed, densify_every, densify_from, densify_until
+        self.grad_threshold, self.split_scale, self.prune_opacity = grad_threshold, split_scale, prune_opacity
+        self.max_points = max_points
+        self.register_buffer("grad_sum", torch.zeros(num_points))  # densification statistics, checkpointed
+        self.register_buffer("grad_count", torch.zeros(num_points))
+
+    @property
+    def num_points(self) -> int:
+        return int(self.means.shape[0])
+
+    def _rows(self) -> list[Tensor]:
+        """Every per-Gaussian tensor: the parameters, then the statistics."""
+        return [self.means, self.log_scales, self.rotations, self.opacity_logits, self.color_logits,
+                self.grad_sum, self.grad_count]
 
     def gaussians(self) -> Gaussians:
         return Gaussians(self.means, self.log_scales.exp(), F.normalize(self.rotations, dim=-1),
@@ -67,7 +92,66 @@ class GaussianCloud(nn.Module):
                 "opacities": [self.opacity_logits], "colors": [self.color_logits]}
 
     def update_step(self, step: int) -> None:
-        """No schedule of its own (densification, when it comes, is the trainer's call: docs/architecture.md)."""
+        """No schedule of its own (densification is the trainer's call after each optimiser step: densify)."""
+
+    # -- densification (contracts.Densifies) -------------------------------------------------------------------
+    @torch.no_grad()
+    def densify(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """After optimiser step `step` (1-based): add this step's gradient norms; on the schedule, clone, split and
+        prune (the class docstring), resizing the parameters and the optimiser's state in place."""
+        if not self.densify_every or step > self.densify_until:
+            return
+        if self.means.grad is not None:
+            self.grad_sum += self.means.grad.norm(dim=-1)
+            self.grad_count += 1
+        if step < self.densify_from or step % self.densify_every:
+            return
+        n = self.num_points
+        average = self.grad_sum / self.grad_count.clamp_min(1)
+        big = self.log_scales.exp().max(-1).values > self.split_scale
+        keep = torch.sigmoid(self.opacity_logits) >= self.prune_opacity
+        hot = (average > self.grad_threshold) & keep  # a Gaussian about to be pruned is neither cloned nor split
+        room = max(self.max_points - n, 0)  # each clone or split adds one Gaussian
+        if int(hot.sum()) > room:
+            keep_hot = average.masked_fill(~hot, -1.0).topk(room).indices
+            hot = torch.zeros_like(hot).index_fill_(0, keep_hot, True)
+        clone, split = hot & ~big, hot & big
+        source = torch.cat([torch.arange(n, device=hot.device)[keep & ~split], clone.nonzero().squeeze(-1),
+                            split.nonzero().squeeze(-1).repeat(2)])  # each new row's source row
+        fresh = torch.zeros(len(source), dtype=torch.bool, device=hot.device)
+        kept = int((keep & ~split).sum())
+        fresh[kept:] = True
+        rows = [t[source] for t in self._rows()]
+        n_split = int(split.sum())
+        if n_split:  # two Gaussians drawn from each split one, 1.6 times smaller (3DGS)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            at = slice(len(source) - 2 * n_split, len(source))
+            scales = rows[1][at].exp()
+            offset = torch.randn(2 * n_split, 3, generator=g).to(scales) * scales
+            rows[0][at] = rows[0][at] + (quaternion_to_matrix(rows[2][at]) @ offset.unsqueeze(-1)).squeeze(-1)
+            rows[1][at] = rows[1][at] - math.log(1.6)
+        rows[5].zero_()  # the statistics restart
+        rows[6].zero_()
+        for tensor, new in zip(self._rows(), rows):
+            old_shape = tensor.shape
+            tensor.data = new.contiguous()
+            if isinstance(tensor, nn.Parameter):
+                tensor.grad = None
+                state = optimizer.state.get(tensor, {})
+                for key, value in state.items():  # Adam's moments follow their rows; new Gaussians start at 0
+                    if torch.is_tensor(value) and value.shape == old_shape:
+                        moved = value[source].clone()
+                        moved[fresh] = 0
+                        state[key] = moved
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint holds as many Gaussians as the run had then: resize to it (in place) before loading."""
+        for name in ("means", "log_scales", "rotations", "opacity_logits", "color_logits", "grad_sum", "grad_count"):
+            saved = state_dict.get(prefix + name)
+            tensor = getattr(self, name)
+            if saved is not None and saved.shape != tensor.shape:
+                tensor.data = torch.zeros(saved.shape, dtype=tensor.dtype, device=tensor.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- point queries: mesh export (the existing marching cubes and colour paths) ----------------------------
     def _weights(self, points: Tensor) -> tuple[Tensor, Tensor]:

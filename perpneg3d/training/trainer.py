@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from perpneg3d.contracts import Geometry, Renderer, Surface, device_of
+from perpneg3d.contracts import Densifies, Geometry, Renderer, Surface, device_of
 from perpneg3d.errors import ExportError, NumericalError, PerpNegError, require
 from perpneg3d.random_streams import RandomStreams
 from perpneg3d.run_dir import write_atomic
@@ -236,6 +236,8 @@ class Trainer:
         counters["nonfinite_streak"] = 0
         with timer.phase("optimizer"):
             optimizer.step()
+            if isinstance(geometry, Densifies):  # Gaussians: statistics every step, clone/split/prune on its schedule
+                geometry.densify(step + 1, optimizer)
         metrics = {f"loss_{k}": v.detach() for k, v in terms.items()}
         pixels = max(out.rgb.shape[0] * out.rgb.shape[1] * out.rgb.shape[2], 1)
         metrics.update(loss=loss.detach(), grad_norm=sds.grad_norm, t_mean=sds.t.float().mean(),
