@@ -23,14 +23,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from perpneg3d.cameras.camera_batch import CameraBatch
 from perpneg3d.contracts import Gaussians
 from perpneg3d.geometry.gaussians import quaternion_to_matrix
 from perpneg3d.random_streams import RandomStreams
-from perpneg3d.renderer.volume_renderer import RenderOutput
+from perpneg3d.renderer.volume_renderer import RenderOutput, ShadedRenderer
 from perpneg3d.validation import NonNegativeFloat, PositiveFloat, validated
 
 ALPHA_MAX, ALPHA_MIN = 0.99, 1.0 / 255.0
@@ -136,24 +135,17 @@ def composite(mean2d: Tensor, cov2d: Tensor, depth: Tensor, opacities: Tensor, f
     return out.view(b, height, width, -1), coverage.view(b, height, width, 1)
 
 
-class GaussianRenderer(nn.Module):
+class GaussianRenderer(ShadedRenderer):
     """Renders a GaussianField as the volume renderer's RenderOutput (rgb over the background, opacity, depth,
     normals); the same materials and backgrounds. near: Gaussians closer to the camera draw nothing; eps2d: the
     image-space low-pass filter (px^2)."""
 
     @validated("renderer")
     def __init__(self, background: nn.Module, material, near: PositiveFloat = 0.05, eps2d: NonNegativeFloat = 0.3):
-        super().__init__()
-        self.background, self.material = background, material
+        super().__init__(background, material)
         self.near, self.eps2d = near, eps2d
 
     backend = "splatting (torch)"
-
-    def param_groups(self) -> dict[str, list]:
-        return {"background": list(self.background.parameters())}
-
-    def choose_shading(self, step: int, generator: torch.Generator) -> str:
-        return self.material.choose_shading(step, generator)
 
     def update(self, step: int, geometry) -> None:
         """Nothing per step."""

@@ -23,7 +23,7 @@ from perpneg3d.geometry.marching_tets import vertex_normals
 from perpneg3d.random_streams import RandomStreams
 from perpneg3d.renderer import nvdiffrast_rasterizer
 from perpneg3d.renderer.torch_rasterizer import TorchRasterizer
-from perpneg3d.renderer.volume_renderer import RenderOutput
+from perpneg3d.renderer.volume_renderer import RenderOutput, ShadedRenderer
 from perpneg3d.validation import PositiveFloat, validated
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def projection(cameras: CameraBatch, near: float, far: float) -> Tensor:
 BACKENDS = ("auto", "torch", "nvdiffrast")
 
 
-class MeshRenderer(nn.Module):
+class MeshRenderer(ShadedRenderer):
     """Renders a Surface (mesh() -> vertices [M,3], faces [F,3]; albedo(points)) with a Rasterizer.
 
     rasterizer: "auto" (nvdiffrast's CUDA context for meshes on CUDA when it is installed, else the torch
@@ -54,10 +54,9 @@ class MeshRenderer(nn.Module):
     @validated("renderer")
     def __init__(self, background: nn.Module, material, rasterizer: str | Rasterizer = "auto", near: PositiveFloat = 0.05,
                  far: PositiveFloat = 100.0):
-        super().__init__()
+        super().__init__(background, material)
         if isinstance(rasterizer, str) and rasterizer not in BACKENDS:
             raise ConfigError(f"renderer.rasterizer={rasterizer!r}: use {', '.join(BACKENDS)}")
-        self.background, self.material = background, material
         self.choice = rasterizer
         self.rasterizer = rasterizer if not isinstance(rasterizer, str) else TorchRasterizer()
         self._device: torch.device | None = None  # where the current rasterizer was chosen for
@@ -89,12 +88,6 @@ class MeshRenderer(nn.Module):
         else:
             self.rasterizer = nvdiffrast_rasterizer.NvdiffrastRasterizer(dr, device)
         return self.rasterizer
-
-    def param_groups(self) -> dict[str, list]:
-        return {"background": list(self.background.parameters())}
-
-    def choose_shading(self, step: int, generator: torch.Generator) -> str:
-        return self.material.choose_shading(step, generator)
 
     def update(self, step: int, geometry) -> None:
         """Nothing per step (a volume renderer's occupancy grid has no counterpart here)."""

@@ -58,7 +58,24 @@ def ensure_samples(ray_ids: Tensor, t_starts: Tensor, t_ends: Tensor) -> tuple[T
     return ray_ids.new_zeros(1), t_starts.new_zeros(1), t_ends.new_zeros(1)
 
 
-class VolumeRenderer(nn.Module):
+class ShadedRenderer(nn.Module):
+    """What every renderer shares: a material that picks the step's shading and shades, and a background whose
+    parameters train (renderer.background). The volume, mesh and splatting renderers derive from it."""
+
+    def __init__(self, background: nn.Module, material):
+        super().__init__()
+        self.background, self.material = background, material
+
+    def param_groups(self) -> dict[str, list]:
+        """Trainable parameters by name (renderer.<name> in trainer.learning_rates)."""
+        return {"background": list(self.background.parameters())}
+
+    def choose_shading(self, step: int, generator: torch.Generator) -> str:
+        """This step's shading, from the material (the trainer never reaches into it)."""
+        return self.material.choose_shading(step, generator)
+
+
+class VolumeRenderer(ShadedRenderer):
     """Renders `geometry` (density(points), forward(points) -> density, albedo, normals(points)).
 
     estimator: "auto" (occgrid on CUDA when nerfacc's kernels load, else stratified), "occgrid", "stratified".
@@ -72,10 +89,9 @@ class VolumeRenderer(nn.Module):
                  occ_update_every: PositiveInt = 16, occ_threshold: NonNegativeFloat = 0.01,
                  near_plane: NonNegativeFloat = 0.0, chunk_rays: PositiveInt = 16384,
                  normal_weight_threshold: NonNegativeFloat = 1e-4, skip_empty: bool = True):
-        super().__init__()
+        super().__init__(background, material)
         if estimator not in ("auto", "occgrid", "stratified"):
             raise ConfigError(f"renderer.estimator={estimator!r}: use auto, occgrid or stratified")
-        self.background, self.material = background, material
         self.radius, self.num_samples = radius, num_samples_per_ray
         self.step_size = render_step_size or 1.732 * 2 * radius / 512
         self.occ_update_every, self.occ_threshold, self.near_plane = occ_update_every, occ_threshold, near_plane
@@ -96,14 +112,6 @@ class VolumeRenderer(nn.Module):
         if self.use_marcher:
             return "nerfacc occupancy-grid marcher (CUDA)"
         return "stratified" + (" + occupancy grid" if self.estimator is not None else "")
-
-    def param_groups(self) -> dict[str, list]:
-        """Trainable parameters by name (renderer.<name> in trainer.learning_rates)."""
-        return {"background": list(self.background.parameters())}
-
-    def choose_shading(self, step: int, generator: torch.Generator) -> str:
-        """This step's shading, from the material (the trainer never reaches into it)."""
-        return self.material.choose_shading(step, generator)
 
     def update(self, step: int, geometry) -> None:
         """Refresh the occupancy grid every occ_update_every steps (uses the global torch RNG)."""
