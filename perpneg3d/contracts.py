@@ -53,6 +53,19 @@ class SamplesLatents(Protocol):
 
 
 @runtime_checkable
+class MultiView(Protocol):
+    """A denoiser conditioned on each image's camera that denoises groups of `views_per_group` consecutive images
+    jointly (MVDream, docs/architecture.md, "A multi-view prior"): guided_eps calls eps_views, and SDS draws one
+    timestep per group."""
+
+    views_per_group: int
+
+    def eps_views(self, latents_t: Tensor, t: Tensor, text_emb: Tensor, c2w: Tensor) -> Tensor:
+        """As Denoiser.eps, with each row's camera-to-world matrix c2w [N,4,4] (perpneg3d's convention; the prior
+        turns it into its own)."""
+
+
+@runtime_checkable
 class OnDevice(Protocol):
     """A denoiser that runs on a given device (the trainer puts the field there); else the CPU."""
 

@@ -137,3 +137,90 @@ def test_camera_groups_share_all_but_the_azimuth():
     with pytest.raises(ConfigError, match=r"cameras.batch_size=6 must be a multiple of cameras.views_per_group=4 .*"
                                           r"use cameras.batch_size=4"):
         RandomCameras(batch_size=6, views_per_group=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_mvdream(tmp_path_factory):
+    """A tiny random Stable Diffusion folder whose UNet is the multi-view one (weights re-drawn from N(0, 0.2))."""
+    from diffusers import UNet2DConditionModel
+
+    from tiny_sd import build_tiny_sd
+
+    folder = build_tiny_sd(tmp_path_factory.mktemp("tiny_mvdream"))
+    plain = UNet2DConditionModel.from_pretrained(folder / "unet")
+    mv = multiview_unet(plain.config, 4, plain.state_dict())
+    with torch.no_grad():
+        for p in mv.parameters():
+            p.normal_(0, 0.2)
+    mv.save_pretrained(folder / "unet")
+    return folder
+
+
+def test_mvdream_loads_refuses_a_plain_sd_and_needs_cameras(tiny_mvdream, tiny_sd_path):
+    from perpneg3d.errors import ConfigError, ModelNotFoundError
+    from perpneg3d.guidance.mvdream import MVDream
+
+    den = MVDream(str(tiny_mvdream), device="cpu")
+    assert den.views_per_group == 4 and den.embed(["a corgi"]).shape == (1, 77, 32)
+    with pytest.raises(ModelNotFoundError, match="is a Stable Diffusion without MVDream's camera embedding"):
+        MVDream(str(tiny_sd_path), device="cpu")
+    with pytest.raises(ConfigError, match="conditions every image on its camera"):
+        den.eps(torch.zeros(4, 4, 4, 4), torch.zeros(4, dtype=torch.long), den.embed(["a"] * 4))
+
+
+def test_one_sds_step_through_mvdream_with_perp_neg(tiny_mvdream):
+    """Two groups of four cameras: one batched UNet call of (2 + K) x 8 rows with the cameras repeated per block,
+    one timestep per group, and the view-dependent Perp-Neg prompts composing with it; the same step's
+    guided eps equals the by-block computation with each block's cameras."""
+    from hydra.utils import instantiate
+
+    from helpers import compose_train
+    from perpneg3d.guidance.perpneg import combine
+    from perpneg3d.random_streams import RandomStreams
+
+    cfg = compose_train(["guidance=mvdream", f"guidance.denoiser.pretrained_model_name_or_path={tiny_mvdream}",
+                         "guidance.denoiser.device=cpu", "cameras.batch_size=8", "cameras.views_per_group=4",
+                         "cameras.heights=[16]", "cameras.widths=[16]"], "/tmp/unused")
+    guidance, prompts, cameras = instantiate(cfg.guidance), instantiate(cfg.prompts), instantiate(cfg.cameras)
+    den = guidance.denoiser
+    rng = RandomStreams.seeded(0)
+    cams = cameras.sample(0, rng.device)
+    rgb = torch.rand(8, 16, 16, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    batch = prompts.bind(den)(cams.azimuth_deg, cams.elevation_deg)
+    calls = []
+    original = den.eps_views
+    den.eps_views = lambda *a: calls.append([x.shape[0] for x in a]) or original(*a)
+    sds = guidance(rgb, batch, 0, rng.device, cams.c2w)
+    assert calls == [[32, 32, 32, 32]]  # [uncond | pos | neg_1 | neg_2] x 8, cameras included
+    assert torch.equal(sds.t[:4], sds.t[:1].expand(4)) and torch.equal(sds.t[4:], sds.t[4:5].expand(4))
+    sds.loss.backward()
+    assert rgb.grad.abs().sum() > 0
+    x = torch.randn(8, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    t = sds.t
+    with torch.no_grad():
+        blocks = [original(x, t, batch.text_emb[i * 8:(i + 1) * 8], cams.c2w) for i in range(4)]
+        from perpneg3d.guidance.perpneg import guided_eps
+
+        got = guided_eps(den, x, t, batch.text_emb, batch.neg_weights, 50.0, "perpneg", c2w=cams.c2w)
+    want = combine(blocks[0], blocks[1], torch.stack(blocks[2:], 1), batch.neg_weights, 50.0, "perpneg")
+    assert torch.allclose(got, want, atol=1e-4 * want.abs().max().item())
+
+
+def test_a_run_trains_with_mvdream_and_refuses_cameras_that_are_not_groups(tiny_mvdream, tmp_path):
+    """guidance=mvdream through train.py's path on the tiny model (4 cameras, one group, 2 steps); without
+    cameras.views_per_group=4 the run stops before step 0 with one line saying what to set."""
+    from helpers import compose_train
+    from perpneg3d.errors import ConfigError
+    from perpneg3d.training.run import train
+
+    base = ["guidance=mvdream", f"guidance.denoiser.pretrained_model_name_or_path={tiny_mvdream}",
+            "guidance.denoiser.device=cpu", "geometry.n_levels=4", "geometry.log2_hashmap_size=12",
+            "geometry.finest_resolution=64", "renderer.num_samples_per_ray=8", "cameras.heights=[16]",
+            "cameras.widths=[16]", "trainer.max_steps=2", "trainer.val_every=2", "trainer.val_resolution=16",
+            "trainer.turntable_frames=2", "trainer.turntable_resolution=16", "trainer.progress=false", "~export",
+            "evaluate_janus=false"]
+    with pytest.raises(ConfigError, match=r"^guidance.denoiser.views_per_group=4 denoises groups of 4 views: set "
+                                          r"cameras.views_per_group=4"):
+        train(compose_train(base + ["cameras.batch_size=4"], tmp_path / "a"))
+    run = train(compose_train(base + ["cameras.batch_size=4", "cameras.views_per_group=4"], tmp_path / "b"))
+    assert (run / "metrics.json").is_file() and (run / "ckpts" / "step_0000002.ckpt").is_file()

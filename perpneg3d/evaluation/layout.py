@@ -34,6 +34,6 @@ def sds_norm_per_view(guidance, prompts, geometry, renderer, azimuth_deg: Tensor
     out = renderer(geometry, cams, shading="albedo")
     rgb = out.rgb.detach().requires_grad_(True)
     batch = prompts(cams.azimuth_deg, cams.elevation_deg)
-    sds = guidance(rgb, batch, step, torch.Generator(device=device).manual_seed(seed))
+    sds = guidance(rgb, batch, step, torch.Generator(device=device).manual_seed(seed), cams.c2w)
     (grad,) = torch.autograd.grad(sds.loss, rgb)
     return grad.flatten(1).norm(dim=1).detach().cpu()

@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from perpneg3d.errors import ConfigError, ModelNotFoundError
+from perpneg3d.guidance.stable_diffusion import StableDiffusion
+
 CAMERA_DIM = 16  # a flattened 4x4 matrix
 TO_MVDREAM_WORLD = torch.tensor([[0.0, 1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 
@@ -80,3 +83,38 @@ def multiview_unet(config: dict, num_views: int = 4, state_dict: dict | None = N
             raise ValueError(f"the UNet's weights do not fit the multi-view UNet: {bad[:5]}")
     set_multiview_attention(unet, num_views)
     return unet
+
+
+class MVDream(StableDiffusion):
+    """MVDream behind the denoiser interface and contracts.MultiView: SD 2.1-base's text encoder and VAE with the
+    multi-view UNet, from a diffusers folder whose UNet has the camera embedding (class_embed_type "projection" over
+    16 values; its self-attention is made joint over `views_per_group` views here). The converter from MVDream's
+    original checkpoint (sd-v2.1-base-4view.pt, ldm layout) is not built yet (docs/architecture.md)."""
+
+    def __init__(self, pretrained_model_name_or_path: str | None = None, views_per_group: int = 4, torch_dtype: str = "auto",
+                 device: str = "auto", local_files_only: bool | None = None, revision: str | None = None,
+                 enable_attention_slicing: bool = False, channels_last: bool = False, compile: bool = False,
+                 cudnn_benchmark: bool = False):
+        if not pretrained_model_name_or_path:
+            raise ModelNotFoundError("guidance.denoiser.pretrained_model_name_or_path is not set: MVDream needs a diffusers "
+                                     "folder whose UNet has its camera embedding (no converter from the original "
+                                     "checkpoint yet, docs/architecture.md); offline without weights: guidance=toy")
+        super().__init__(pretrained_model_name_or_path, torch_dtype, device, local_files_only, revision,
+                         enable_attention_slicing, channels_last, compile, cudnn_benchmark)
+        config = self.unet.config
+        if config.class_embed_type != "projection" or config.projection_class_embeddings_input_dim != CAMERA_DIM:
+            raise ModelNotFoundError(
+                f"'{self.name}' is a Stable Diffusion without MVDream's camera embedding (its UNet's class_embed_type is "
+                f"{config.class_embed_type!r}; MVDream's is 'projection' over {CAMERA_DIM} values): use a converted "
+                "MVDream folder, or guidance=sd21 for Stable Diffusion")
+        self.views_per_group = int(views_per_group)
+        set_multiview_attention(self.unet, self.views_per_group)
+
+    def eps(self, latents_t: Tensor, t: Tensor, text_emb: Tensor) -> Tensor:
+        raise ConfigError("MVDream conditions every image on its camera: it guides training (SDS), where guided_eps "
+                          "calls eps_views with the cameras; 2D sampling without cameras is not supported")
+
+    def eps_views(self, latents_t: Tensor, t: Tensor, text_emb: Tensor, c2w: Tensor) -> Tensor:
+        """eps [N,4,h,w] for N = groups x views_per_group consecutive images and their cameras c2w [N,4,4]."""
+        cameras = mvdream_cameras(c2w.float()).to(self.device, self.dtype)
+        return self._eps(latents_t, t, text_emb, class_labels=cameras)

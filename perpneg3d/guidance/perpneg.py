@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from perpneg3d.contracts import MultiView
 from perpneg3d.errors import ConfigError
 
 MODES = ("cfg", "negprompt", "cebm", "perpneg")
@@ -124,15 +125,16 @@ def time_factor(t: Tensor, num_train_timesteps: int, ramp: tuple[float, float] |
 
 def guided_eps(denoiser, x_t: Tensor, t: Tensor, text_emb: Tensor, neg_weights: Tensor | None, scale: float,
                mode: str = "perpneg", neg_time_ramp: tuple[float, float] | None = None,
-               alignment: bool = False, neg_gain: float = 1.0, emphasis: float = 1.0) -> Tensor:
+               alignment: bool = False, neg_gain: float = 1.0, emphasis: float = 1.0, c2w: Tensor | None = None) -> Tensor:
     """Every prompt of a step in one batched denoiser call, split into blocks and combined.
 
     x_t [B,...] noisy latents, t [B] timesteps, text_emb [(2+K)*B, ...] in the block layout
     [uncond | pos | neg_1 .. neg_K] (each block the B samples in order), neg_weights [B,K], each
     multiplied by neg_gain * f(t) (time_factor). emphasis != 1 (score-space view emphasis, combine()):
     text_emb has one more block, the prompt without view words, last: [(3+K)*B, ...].
-    Used by score distillation (sds.py) and the 2D sampler (ddim_sampler.py) alike. Returns the
-    combined eps [B,...] in float32.
+    A MultiView denoiser (MVDream) gets the samples' cameras c2w [B,4,4], the same for every block, so each
+    block keeps its groups of views together. Used by score distillation (sds.py) and the 2D sampler
+    (ddim_sampler.py) alike. Returns the combined eps [B,...] in float32.
     """
     batch = x_t.shape[0]
     num_blocks = text_emb.shape[0] // batch
@@ -140,7 +142,13 @@ def guided_eps(denoiser, x_t: Tensor, t: Tensor, text_emb: Tensor, neg_weights: 
     if num_blocks < 2 + extra or num_blocks * batch != text_emb.shape[0]:
         raise ValueError(f"text_emb has {text_emb.shape[0]} rows for {batch} samples: need ({2 + extra}+K)*B")
     reps = (num_blocks,) + (1,) * (x_t.dim() - 1)
-    eps_all = denoiser.eps(x_t.repeat(reps), t.repeat(num_blocks), text_emb)
+    if isinstance(denoiser, MultiView):
+        if c2w is None:
+            raise ConfigError(f"{type(denoiser).__name__} conditions every image on its camera: it guides training "
+                              "(SDS), not 2D sampling without cameras")
+        eps_all = denoiser.eps_views(x_t.repeat(reps), t.repeat(num_blocks), text_emb, c2w.repeat(num_blocks, 1, 1))
+    else:
+        eps_all = denoiser.eps(x_t.repeat(reps), t.repeat(num_blocks), text_emb)
     eps_all = eps_all.float().reshape(num_blocks, batch, *x_t.shape[1:])
     num_neg = num_blocks - 2 - extra
     eps_neg = eps_all[2:2 + num_neg].transpose(0, 1) if num_neg else None

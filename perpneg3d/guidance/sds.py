@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from perpneg3d.contracts import SamplesLatents
+from perpneg3d.contracts import MultiView, SamplesLatents
 from perpneg3d.errors import require
 from perpneg3d.guidance.denoiser import add_noise
 from perpneg3d.guidance.perpneg import MODES, guided_eps
@@ -94,8 +94,9 @@ class ScoreDistillation:
         lo_i = int(ramp(self.min_step_percent, step) * num)
         return lo_i, max(lo_i, min(num - 1, int(ramp(self.max_step_percent, step) * num)))
 
-    def __call__(self, rgb: Tensor, prompts, step: int, generator: torch.Generator) -> SDSOutput:
-        """rgb [B,H,W,3] in [0,1] (differentiable); prompts: a PromptBatch of (2+K)*B embeddings."""
+    def __call__(self, rgb: Tensor, prompts, step: int, generator: torch.Generator, c2w: Tensor | None = None) -> SDSOutput:
+        """rgb [B,H,W,3] in [0,1] (differentiable); prompts: a PromptBatch of (2+K)*B embeddings; c2w [B,4,4]: the
+        cameras, which a MultiView denoiser is conditioned on (it also gets one timestep per group of views)."""
         den = self.denoiser
         rgb = rgb.permute(0, 3, 1, 2)  # a sampling encoder draws from the run's stream: resume stays exact
         latents = den.encode_sample(rgb, generator) if isinstance(den, SamplesLatents) else den.encode(rgb)
@@ -103,13 +104,17 @@ class ScoreDistillation:
         lo, hi = self.timestep_range(step)
         # drawn on the generator's device (the training device in train.py): no CPU draw, no copy
         gen_device = generator.device
-        t = torch.randint(lo, hi + 1, (batch,), generator=generator, device=gen_device).to(latents.device)
+        if isinstance(den, MultiView):  # a group's views are denoised together, at one noise level (MVDream)
+            t = torch.randint(lo, hi + 1, (batch // den.views_per_group,), generator=generator, device=gen_device)
+            t = t.repeat_interleave(den.views_per_group).to(latents.device)
+        else:
+            t = torch.randint(lo, hi + 1, (batch,), generator=generator, device=gen_device).to(latents.device)
         noise = torch.randn(latents.shape, generator=generator, device=gen_device).to(latents.device)
         with torch.no_grad():
             x_t = add_noise(den, latents.detach(), noise, t)
             neg_w = prompts.neg_weights.to(latents.device) if prompts.num_neg else None
             eps_hat = guided_eps(den, x_t, t, prompts.text_emb, neg_w, self.guidance_scale, self.mode,
-                                 self.neg_time_ramp, self.neg_alignment, self.neg_gain, prompts.emphasis)
+                                 self.neg_time_ramp, self.neg_alignment, self.neg_gain, prompts.emphasis, c2w)
             w = 1 - den.alphas_cumprod.to(latents.device)[t] if self.weighting == "sds" else torch.ones(batch, device=latents.device)
             grad = w.float().view(-1, *([1] * (latents.dim() - 1))) * (eps_hat - noise)
             # non-finite entries are zeroed and the rest of the batch still trains (threestudio does

@@ -130,10 +130,15 @@ class StableDiffusion:
         with x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps that gives
         eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (Salimans & Ho 2022, as in diffusers' DDIM step).
         """
+        return self._eps(latents_t, t, text_emb)
+
+    def _eps(self, latents_t: Tensor, t: Tensor, text_emb: Tensor, **unet_kwargs) -> Tensor:
+        """eps() with extra UNet inputs (MVDream's cameras as class_labels)."""
         x = latents_t.to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self._unet_call(x, t.to(self.device), encoder_hidden_states=text_emb.to(self.dtype), return_dict=False)[0]
+        out = self._unet_call(x, t.to(self.device), encoder_hidden_states=text_emb.to(self.dtype), return_dict=False,
+                              **unet_kwargs)[0]
         out = out.float()
         if self.prediction_type == "v_prediction":
             abar = self.alphas_cumprod[t.to(self.device)].view(-1, *([1] * (out.dim() - 1)))

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from perpneg3d.contracts import Densifies, Geometry, Renderer, Surface, device_of
+from perpneg3d.contracts import Densifies, Geometry, MultiView, Renderer, Surface, device_of
 from perpneg3d.errors import ExportError, NumericalError, PerpNegError, require
 from perpneg3d.random_streams import RandomStreams
 from perpneg3d.run_dir import write_atomic
@@ -148,6 +148,11 @@ class Trainer:
     def start(self, geometry, renderer, guidance, prompts, cameras, seed: int = 0, run_dir: Path | None = None) -> RunState:
         """A fresh RunState: parts on the denoiser's device, optimiser, seeded random streams, prompts
         bound to the denoiser (their texts embedded once)."""
+        if isinstance(guidance.denoiser, MultiView):
+            views = guidance.denoiser.views_per_group
+            require(getattr(cameras, "views_per_group", 1) == views,
+                    f"guidance.denoiser.views_per_group={views} denoises groups of {views} views: set "
+                    f"cameras.views_per_group={views} and cameras.batch_size to a multiple of it")
         device = device_of(guidance.denoiser)
         geometry.to(device).train()
         renderer.to(device).train()
@@ -213,7 +218,7 @@ class Trainer:
         with timer.phase("prompts"):
             prompt_batch = run.prompts(cams.azimuth_deg, cams.elevation_deg)
         with timer.phase("guidance"):
-            sds = guidance(out.rgb, prompt_batch, step, rng.device)
+            sds = guidance(out.rgb, prompt_batch, step, rng.device, cams.c2w)
         surface = None
         if out.mesh is not None and isinstance(geometry, Surface) and \
                 any(ramp(self.lambdas[k], step) > 0 for k in ("normal_consistency", "laplacian")):
