@@ -20,8 +20,6 @@ from perpneg3d.prompts.views import FRONT, view_labels, wrap_azimuth
 from perpneg3d.renderer.orbit import render_rgb
 
 JANUS_FRONT_MAX, JANUS_ALIGNED_MIN, OBJECT_MIN = 0.5, 0.8, 0.8
-
-
 ORIENTED_MIN = 0.8  # correctly oriented: Janus-free and view_acc (absolute) >= 0.8
 
 
@@ -57,8 +55,7 @@ def janus_scores(pred_view: torch.Tensor, pred_ok: torch.Tensor, azimuth_deg: to
     scores = dict(front_share=front_share, view_acc=correct.float().mean().item(), view_acc_aligned=aligned[best],
                   best_rotation_deg=best * step if best * step <= 180 else best * step - 360,
                   object_acc=pred_ok.float().mean().item())
-    scores["janus_free"] = bool(front_share <= JANUS_FRONT_MAX and scores["view_acc_aligned"] >= JANUS_ALIGNED_MIN
-                                and scores["object_acc"] >= OBJECT_MIN)
+    scores["janus_free"] = outcome(scores)["janus_free"]  # the one copy of the rule
     return scores
 
 
