@@ -88,8 +88,8 @@ def multiview_unet(config: dict, num_views: int = 4, state_dict: dict | None = N
 class MVDream(StableDiffusion):
     """MVDream behind the denoiser interface and contracts.MultiView: SD 2.1-base's text encoder and VAE with the
     multi-view UNet, from a diffusers folder whose UNet has the camera embedding (class_embed_type "projection" over
-    16 values; its self-attention is made joint over `views_per_group` views here). The converter from MVDream's
-    original checkpoint (sd-v2.1-base-4view.pt, ldm layout) is not built yet (docs/architecture.md)."""
+    16 values; its self-attention is made joint over `views_per_group` views here). scripts/convert_mvdream.py
+    writes such a folder from MVDream's original checkpoint (sd-v2.1-base-4view.pt, ldm layout)."""
 
     def __init__(self, pretrained_model_name_or_path: str | None = None, views_per_group: int = 4, torch_dtype: str = "auto",
                  device: str = "auto", local_files_only: bool | None = None, revision: str | None = None,
@@ -97,8 +97,9 @@ class MVDream(StableDiffusion):
                  cudnn_benchmark: bool = False):
         if not pretrained_model_name_or_path:
             raise ModelNotFoundError("guidance.denoiser.pretrained_model_name_or_path is not set: MVDream needs a diffusers "
-                                     "folder whose UNet has its camera embedding (no converter from the original "
-                                     "checkpoint yet, docs/architecture.md); offline without weights: guidance=toy")
+                                     "folder whose UNet has its camera embedding (from MVDream's sd-v2.1-base-4view.pt: "
+                                     "python scripts/convert_mvdream.py checkpoint=<file> out=<folder>); offline "
+                                     "without weights: guidance=toy")
         super().__init__(pretrained_model_name_or_path, torch_dtype, device, local_files_only, revision,
                          enable_attention_slicing, channels_last, compile, cudnn_benchmark)
         config = self.unet.config
