@@ -51,6 +51,17 @@ def test_a_sphere_covers_the_pixels_whose_rays_hit_it_and_antialiasing_gives_its
     assert centre == pytest.approx(DISTANCE - RADIUS, rel=0.01)
 
 
+def test_coverage_is_the_renders_opacity_without_a_colour_query():
+    """coverage() (the silhouette search's) equals forward()'s antialiased opacity, fractional edge pixels included,
+    and never asks the geometry for a colour."""
+    cams = orbit_cameras(torch.tensor([0.0, 130.0]), torch.tensor([0.0, 25.0]), DISTANCE, FOVY, 48)
+    ball = Ball(32)
+    want = renderer()(ball, cams).opacity
+    ball.albedo = None  # a colour query would fail
+    got = renderer().coverage(ball, cams)
+    assert torch.equal(got, want) and ((got > 0.05) & (got < 0.95)).sum() > 20
+
+
 def test_row_zero_is_the_top_of_the_image():
     out = renderer()(Ball(), orbit_cameras(torch.tensor([0.0]), 0.0, DISTANCE, FOVY, 32))
     assert torch.allclose(out.rgb[0, 10, 16], torch.tensor([1.0, 0.0, 0.0]))  # above the centre: z > 0, red

@@ -92,16 +92,31 @@ class MeshRenderer(ShadedRenderer):
     def update(self, step: int, geometry) -> None:
         """Nothing per step (a volume renderer's occupancy grid has no counterpart here)."""
 
+    def _rasterized(self, vertices: Tensor, faces: Tensor, cameras: CameraBatch):
+        """(rasterizer, clip-space vertices [B,V,4], its rasterization [B,H,W,4]) of a non-empty mesh."""
+        homogeneous = torch.cat([vertices, torch.ones_like(vertices[:, :1])], -1)
+        clip = torch.einsum("bij,vj->bvi", projection(cameras, self.near, self.far), homogeneous)
+        rasterizer = self._rasterizer_for(vertices.device)
+        return rasterizer, clip, rasterizer.rasterize(clip, faces, (cameras.height, cameras.width))
+
+    @torch.no_grad()
+    def coverage(self, geometry, cameras: CameraBatch) -> Tensor:
+        """[B,H,W,1] the surface's antialiased coverage, row 0 at the top: forward()'s opacity without shading, so
+        without a colour query (the refine stage's silhouette search renders a mesh per candidate level)."""
+        vertices, faces = geometry.mesh()
+        if faces.shape[0] == 0:
+            return vertices.new_zeros(cameras.batch_size, cameras.height, cameras.width, 1)
+        rasterizer, clip, rast = self._rasterized(vertices, faces, cameras)
+        mask = (rast[..., 3:] > 0).to(vertices.dtype)
+        return rasterizer.antialias(mask, rast, clip, faces).clamp(0, 1).flip(1)
+
     def forward(self, geometry, cameras: CameraBatch, shading: str = "albedo", with_normals: bool = False,
                 rng: RandomStreams | None = None) -> RenderOutput:
         b, h, w = cameras.batch_size, cameras.height, cameras.width
         vertices, faces = geometry.mesh()
         if faces.shape[0] == 0:  # no surface (every signed distance on one side): the background alone
             return self._empty(cameras, vertices, faces, with_normals, rng)
-        homogeneous = torch.cat([vertices, torch.ones_like(vertices[:, :1])], -1)
-        clip = torch.einsum("bij,vj->bvi", projection(cameras, self.near, self.far), homogeneous)
-        rasterizer = self._rasterizer_for(vertices.device)
-        rast = rasterizer.rasterize(clip, faces, (h, w))
+        rasterizer, clip, rast = self._rasterized(vertices, faces, cameras)
         covered = rast[..., 3] > 0  # [B,H,W]
         points = rasterizer.interpolate(vertices, rast, faces)
         need_normals = with_normals or self.material.needs_normals(shading)

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from perpneg3d.config import instantiate
+from perpneg3d.cameras import orbit_cameras
 from perpneg3d.renderer.orbit import render_views
 from perpneg3d.saved_config import source_folder, stage_of  # noqa: F401  (their old import path)
 from perpneg3d.training.plan import OWN_GROUPS, refine_config, staged_config, with_overrides  # noqa: F401  (idem)
@@ -62,10 +63,11 @@ def silhouette_level(geometry, renderer, volume, volume_renderer, density, expor
     distance, fovy = float(sum(cameras_cfg.distance_range)) / 2, float(sum(cameras_cfg.fovy_range)) / 2
     args = (azimuth, elevation, distance, fovy, resolution)
     target = torch.cat([o.opacity for o in render_views(volume, volume_renderer, *args)]) > 0.5
+    cameras = orbit_cameras(*args).to(density.device)
     best = (-1.0, export_level)
     for level in (export_level * SEARCH_SCALES).tolist():
         geometry.initialise_from(volume, level, density)
-        covered = torch.cat([o.opacity for o in render_views(geometry, renderer, *args)]) > 0.5
+        covered = renderer.coverage(geometry, cameras) > 0.5
         iou = float((covered & target).sum() / (covered | target).sum().clamp_min(1))
         best = max(best, (iou, level))
     log.info("refine: silhouette IoU %.3f at density level %.3g", *best)
