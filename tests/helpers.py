@@ -18,9 +18,9 @@ TINY_TOY = [
     "export.resolution=24", "trainer.progress=false",
 ]
 
-# the Gaussian toy preset (experiment=toy_gaussians) at the same tiny size
+# the Gaussian toy preset (experiment=toy_gs) at the same tiny size
 TINY_GAUSSIANS = [
-    "experiment=toy_gaussians", "guidance.denoiser.dataset.num_images=300", "geometry.num_points=256",
+    "experiment=toy_gs", "guidance.denoiser.dataset.num_images=300", "geometry.num_points=256",
     "cameras.heights=[16]", "cameras.widths=[16]", "trainer.max_steps=6", "trainer.val_every=3", "trainer.ckpt_every=3",
     "trainer.val_resolution=16", "trainer.turntable_frames=4", "trainer.turntable_resolution=16", "trainer.progress=false",
     "export.resolution=24",

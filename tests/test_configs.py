@@ -45,7 +45,7 @@ def test_every_option_instantiates(group, tmp_path):
         if (group, option) in (("geometry", "dmtet"), ("renderer", "mesh")):  # a refine stage's: built from a source run
             cfg = refine_config(["experiment=toy", "stage=refine_toy", "geometry.grid_resolution=8"])
         elif option == "gaussians":  # experiment=toy sets the hash grid's keys; the Gaussians' preset is its own
-            cfg = compose_train(["experiment=toy_gaussians", f"{group}={option}"], tmp_path)
+            cfg = compose_train(["experiment=toy_gs", f"{group}={option}"], tmp_path)
         else:
             cfg = compose_train(["experiment=toy", f"{group}={option}"] if group != "renderer" else ["experiment=toy"], tmp_path)
         assert instantiate(cfg[group]) is not None

@@ -37,7 +37,7 @@ SKIPPED = {
     'python train.py prompt="a corgi standing" prompts=plain': "Stable Diffusion",
     'python train.py prompt="a corgi standing" prompts/schedule=stable_dreamfusion': "Stable Diffusion",
     'python train.py prompt="a corgi standing" geometry=gaussians renderer=gaussians trainer=gaussians':
-        "Stable Diffusion; the same geometry, renderer and trainer run offline as experiment=toy_gaussians",
+        "Stable Diffusion; the same geometry, renderer and trainer run offline as experiment=toy_gs",
     "python train.py '~guidance.denoiser' '+guidance.denoiser={_target_:my_pkg.MyPrior,resolution:64}'":
         "my_pkg is the user's package; the same override with tests/external_prior.py runs in tests/test_training.py",
     "python train.py -m 'prompt=\"a corgi standing\",\"a westie\"' seed=0,1,2 hydra/launcher=submitit_slurm "
@@ -131,7 +131,7 @@ def offline(command: str, places: dict) -> str:
     if words[:2] == ["python", "train.py"] and any(w.startswith("refine=") for w in words):
         command += " " + " ".join(REFINE_TINY) + f" out_dir={out}"
     elif words[:2] == ["python", "train.py"] and not any(w.startswith("-") and w != "-m" for w in words[2:]):
-        tiny = [o for o in TINY_GAUSSIANS if o != "experiment=toy_gaussians"] if "experiment=toy_gaussians" in words \
+        tiny = [o for o in TINY_GAUSSIANS if o != "experiment=toy_gs"] if "experiment=toy_gs" in words \
             else TINY
         if not any(w.startswith("resume=") for w in words):
             command += " " + " ".join(shlex.quote(o) for o in tiny) + f" out_dir={out}"
