@@ -3,11 +3,13 @@ the pinhole and EWA formulas, two Gaussians blended in depth order whatever thei
 against finite differences, and the contracts."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from perpneg3d.cameras.camera_batch import orbit_cameras
 from perpneg3d.contracts import GaussianField, Gaussians
@@ -201,7 +203,7 @@ def test_many_gaussians_equal_a_pixel_by_pixel_loop():
 
 
 def test_a_gaussian_toy_run_trains_and_resumes_exactly(tmp_path):
-    """experiment=toy_gaussians through train.py's path: the Gaussians move, every artefact of a run is written
+    """experiment=toy_gs through train.py's path: the Gaussians move, every artefact of a run is written
     (the mesh from their density), and 5 steps + a resume to 8 end bit-identical to 8 straight."""
     from helpers import TINY_GAUSSIANS, compose_train
     from perpneg3d.training.checkpoint import latest_valid_checkpoint
@@ -227,6 +229,25 @@ def test_a_gaussian_toy_run_trains_and_resumes_exactly(tmp_path):
 
     mesh = trimesh.load(straight / "mesh.glb", force="mesh")
     assert len(mesh.faces) > 100 and mesh.extents.max() < 1.6  # the Gaussians' density, in Blender's metre units
+
+    # refine=<this run>: DMTet from the Gaussians' density, the (densified) Gaussians as its colour field, which
+    # learns its colours at the stage's albedo rate and keeps everything else (learning rate 0: bit-identical)
+    from perpneg3d.config import check_overrides
+
+    argv = check_overrides("train", [f"refine={straight}", "geometry.grid_resolution=16", "trainer.max_steps=2",
+                                     "trainer.val_every=2", "trainer.ckpt_every=2", "trainer.val_resolution=16",
+                                     "trainer.turntable_frames=2", "trainer.turntable_resolution=16",
+                                     "export.texture_size=64", f"out_dir={tmp_path / 'r'}"])
+    assert argv[-1] == "stage=refine_toy"
+    refined = train(compose_train(argv, tmp_path / "r"), argv)
+    rates = OmegaConf.load(refined / "config.yaml").trainer.learning_rates
+    assert rates["geometry.color_colors"] == 0.01 and "geometry.color_encoding" not in rates
+    assert all(rates[f"geometry.color_{k}"] == 0.0 for k in ("means", "scales", "rotations", "opacities"))
+    colours = latest_valid_checkpoint(refined)[1]["geometry"]
+    for k in ("means", "log_scales", "rotations", "opacity_logits"):
+        assert torch.equal(colours[f"color_field.{k}"], a[k]), k
+    assert not torch.equal(colours["color_field.color_logits"], a["color_logits"])
+    assert (refined / "mesh.glb").is_file() and json.loads((refined / "metrics.json").read_text())["steps"] == 2
 
 
 def test_the_density_for_export_is_as_opaque_as_the_splat():

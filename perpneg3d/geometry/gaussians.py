@@ -173,16 +173,33 @@ class GaussianCloud(nn.Module):
         m = (local * local).sum(-1)
         return near, torch.where(m <= 9.0, kappa * torch.exp(-0.5 * m), torch.zeros_like(m))
 
-    def density(self, points: Tensor, chunk: int = 2048) -> Tensor:
-        """[P] the sum of the Gaussians' volume densities (_weights) at points [P,3]."""
-        return torch.cat([self._weights(part)[1].sum(-1) for part in points.split(chunk)]) if len(points) else \
-            points.new_zeros(0)
+    def _by_neighbourhood(self, points: Tensor, chunk: int, fn) -> Tensor:
+        """fn applied to chunks of `chunk` points taken in Morton order (a z-order curve over a 32^3 lattice of
+        the box): each chunk is a compact piece of space, so _weights meets only the Gaussians near it (render and
+        texture points come scattered over the whole object); results back in the points' order."""
+        q = ((points.detach() / self.radius + 1) * 16).long().clamp(0, 31)
+        code = torch.zeros_like(q[:, 0])
+        for bit in range(5):
+            for axis in range(3):
+                code |= ((q[:, axis] >> bit) & 1) << (3 * bit + axis)
+        order = code.argsort()
+        done = torch.cat([fn(part) for part in points[order].split(chunk)])
+        return done[order.argsort()]
 
-    def albedo(self, points: Tensor, chunk: int = 2048) -> Tensor:
+    def density(self, points: Tensor, chunk: int = 1024) -> Tensor:
+        """[P] the sum of the Gaussians' volume densities (_weights) at points [P,3]."""
+        if not len(points):
+            return points.new_zeros(0)
+        return self._by_neighbourhood(points, chunk, lambda part: self._weights(part)[1].sum(-1))
+
+    def albedo(self, points: Tensor, chunk: int = 1024) -> Tensor:
         """[P,3] the density-weighted mean colour of the Gaussians at points [P,3] (grey where none reaches)."""
+        if not len(points):
+            return points.new_zeros(0, 3)
         colors = self.gaussians().colors
-        out = []
-        for part in points.split(chunk):
+
+        def mean_colour(part):
             near, w = self._weights(part)
-            out.append((w @ colors[near] + 0.5 * 1e-12) / (w.sum(-1, keepdim=True) + 1e-12))
-        return torch.cat(out) if out else points.new_zeros(0, 3)
+            return (w @ colors[near] + 0.5 * 1e-12) / (w.sum(-1, keepdim=True) + 1e-12)
+
+        return self._by_neighbourhood(points, chunk, mean_colour)

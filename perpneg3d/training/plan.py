@@ -148,7 +148,8 @@ def staged_config(source: dict, stage: str) -> DictConfig:
     out.geometry = dict(staged["geometry"], color_field=source["geometry"], radius=source["geometry"]["radius"])
     out.renderer = dict(staged["renderer"], material=source["renderer"]["material"],
                         background=source["renderer"]["background"])
-    out.trainer = staged["trainer"]
+    out.trainer = dict(staged["trainer"], learning_rates=colour_field_rates(source["geometry"],
+                                                                             staged["trainer"]["learning_rates"]))
     if "_target_" not in (source.get("export") or {}):  # a source trained with ~export: the refine run exports
         out.export = staged["export"]
     own = OmegaConf.load(CONFIG_DIR / "stage" / f"{stage}.yaml")  # the keys the stage file itself sets
@@ -156,6 +157,27 @@ def staged_config(source: dict, stage: str) -> DictConfig:
     composed = leaves(staged_cfg)
     stage_changes = {k: composed[k] for k in leaves(own) if k.split(".")[0] not in OWN_GROUPS}
     return apply_changes(out, stage_changes, f"stage={stage}")
+
+
+HASH_GRID_COLOUR_RATES = ("geometry.color_encoding", "geometry.color_density_mlp", "geometry.color_albedo_mlp")
+
+
+def colour_field_rates(source_geometry: dict, rates: dict) -> dict:
+    """The refine trainer's learning rates for the colour field the source run leaves: the stage files name the
+    hash grid's groups; a Gaussian source's colour field learns its colours at the rate the stage gives the hash
+    grid's albedo MLP, and keeps its means, scales, rotations and opacities (the surface is the DMTet's now, and
+    moving the Gaussians would only blur the colours they hold)."""
+    from hydra.utils import get_class
+
+    from perpneg3d.geometry.gaussians import GaussianCloud
+
+    if not issubclass(get_class(source_geometry["_target_"]), GaussianCloud):
+        return rates
+    out = {k: v for k, v in rates.items() if k not in HASH_GRID_COLOUR_RATES}
+    out.update({"geometry.color_means": 0.0, "geometry.color_scales": 0.0, "geometry.color_rotations": 0.0,
+                "geometry.color_opacities": 0.0,
+                "geometry.color_colors": rates.get("geometry.color_albedo_mlp", 0.0)})
+    return out
 
 
 def with_overrides(cfg: DictConfig, stage: str, overrides: list[str], where: str) -> DictConfig:
