@@ -165,6 +165,13 @@ def world_overrides(world) -> list[str]:
     return [] if not world else ["guidance.denoiser.dataset.objects=[" + ",".join(f'"{o}"' for o in world) + "]"]
 
 
+def method_run_overrides(shared: list[str], method: list[str]) -> list[str]:
+    """A method's train.py overrides after the shared ones; a config group the method names itself (its key before
+    "=", e.g. experiment=toy_gs) replaces the shared choice of that group, which Hydra would refuse twice."""
+    own = {o.split("=", 1)[0] for o in method if "=" in o and "." not in o.split("=", 1)[0].lstrip("+~")}
+    return [o for o in shared if o.split("=", 1)[0] not in own] + method
+
+
 def main(cfg) -> None:
     methods = list(cfg.methods)
     unknown = [m for m in methods if m not in cfg.method_overrides]
@@ -172,7 +179,8 @@ def main(cfg) -> None:
     out, objects, seeds = prepare(cfg)
     for m in methods:
         for obj in objects:
-            overrides = list(cfg.overrides) + world_overrides(cfg.world) + list(cfg.method_overrides[m])
+            overrides = method_run_overrides(list(cfg.overrides) + world_overrides(cfg.world),
+                                             list(cfg.method_overrides[m]))
             for s in seeds:
                 check_reusable(run_dir(out, m, obj, s), m, run_overrides(obj, s, overrides))
             missing = [s for s in seeds if not (run_dir(out, m, obj, s) / "metrics.json").is_file()]
