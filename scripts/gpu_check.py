@@ -10,7 +10,8 @@ one Perp-Neg SDS step with the full-size SD 2.1-base at random weights (NaN coun
 latents), parity (torch hash grid CPU vs device; nerfacc marcher vs stratified sampler; tcnn vs torch),
 the host<->device synchronisations of one training step (perpneg3d's own, nerfacc's sampler's and the
 skip decision counted apart), the step benchmark, the refine stage (torch rasterizer vs nvdiffrast; refine
-steps at 512 px), `pytest -m gpu`, and torch.compile last
+steps at 512 px), one MVDream SDS step (a 4-view group at 256 px, full-size multi-view UNet at random weights),
+`pytest -m gpu`, and torch.compile last
 (--skip-compile). Sections that would start after --budget-s seconds are skipped with that reason.
 Exit code 1 when any check fails (each named in the report's failed_checks), 0 otherwise.
 """
@@ -185,6 +186,44 @@ def sds_step(args) -> dict:
     return result
 
 
+def mvdream_step(args) -> dict:
+    """One Perp-Neg SDS step (K=2) of MVDream at random weights (full size unless --tiny) on one group of 4 views at
+    its native size (256 px, latents 32 x 32; MVDream is trained there): one UNet call of (2 + K) x 4 rows, the
+    render's gradient; ms of the step after one untimed step, and peak memory."""
+    from perpneg3d.cameras import orbit_cameras
+    from perpneg3d.guidance.random_sd import RandomMVDream
+    from perpneg3d.guidance.sds import ScoreDistillation
+    from perpneg3d.prompts import ViewPrompts
+    from perpneg3d.training.step_benchmark import peak_memory_mb, settle
+
+    den = RandomMVDream("tiny" if args.tiny else "sd21", device=str(args.device))
+    size = den.image_size
+    cams = orbit_cameras(torch.tensor([30.0, 120.0, 210.0, 300.0]), 15.0, 2.0, 40.0, size).to(args.device)
+    prompts = ViewPrompts("a corgi standing").bind(den)(cams.azimuth_deg, cams.elevation_deg)
+    sds, calls = ScoreDistillation(den, guidance_scale=50.0), []
+    eps_views = den.eps_views
+    den.eps_views = lambda x, *rest: calls.append(int(x.shape[0])) or eps_views(x, *rest)
+
+    def step(seed):
+        rgb = torch.rand(4, size, size, 3, generator=torch.Generator().manual_seed(seed)).to(args.device)
+        rgb.requires_grad_(True)
+        out = sds(rgb, prompts, 0, torch.Generator(device=args.device).manual_seed(seed), cams.c2w)
+        out.loss.backward()
+        return out, rgb
+
+    step(0)
+    settle(args.device)
+    calls.clear()
+    synchronize(args.device)
+    t0 = time.perf_counter()
+    out, rgb = step(1)
+    synchronize(args.device)
+    ms = 1000 * (time.perf_counter() - t0)
+    return dict(model=den.name, dtype=str(den.dtype), image_size=size, views=4, unet_calls=len(calls), unet_rows=calls[0], step_ms=round(ms, 1), sds_nonfinite=int(out.nonfinite),
+                loss_finite=bool(torch.isfinite(out.loss)), render_grad_norm=float(rgb.grad.norm()),
+                **{k: round(v) for k, v in peak_memory_mb(args.device).items()})
+
+
 def refine_check(args) -> dict:
     """The refine stage: the torch rasterizer against nvdiffrast's CUDA context (when installed) on one mesh at
     the refine's 512 px (64 with --tiny), forward and backward; then refine steps with the full-size SD 2.1-base
@@ -217,13 +256,15 @@ def refine_check(args) -> dict:
             image = rasterizer.antialias(rasterizer.interpolate(vertices.abs(), rast, faces), rast, c, faces)
             image.sum().backward()
             return rast.detach()
-        once()
+        reps = 1 if args.tiny else 5  # --tiny (the CPU rehearsal) checks that it runs: one untimed-quality pass
+        if not args.tiny:
+            once()
         synchronize(dev)
         t0 = time.perf_counter()
-        for _ in range(5):
+        for _ in range(reps):
             rasts[name] = once()
         synchronize(dev)
-        result[f"{name}_ms"] = round(1000 * (time.perf_counter() - t0) / 5, 2)
+        result[f"{name}_ms"] = round(1000 * (time.perf_counter() - t0) / reps, 2)
     if len(rasts) == 2:
         a, b = rasts["torch"], rasts["nvdiffrast"]
         same = (a[..., 3] == b[..., 3]) & (a[..., 3] > 0)
@@ -340,7 +381,7 @@ def markdown(report: dict) -> str:
 
 
 SECTIONS = (("environment", environment), ("sds_step", sds_step), ("parity", parity), ("sync_count", sync_count),
-            ("step_benchmark", step_benchmark), ("refine", refine_check), ("pytest_gpu", gpu_tests),
+            ("step_benchmark", step_benchmark), ("refine", refine_check), ("mvdream_step", mvdream_step), ("pytest_gpu", gpu_tests),
             ("compile", compile_benchmark))
 
 
@@ -356,6 +397,10 @@ def failed_checks(report: dict) -> list[str]:
                                        not sds.get("render_grad_finite")):
         failed.append(f"sds_step: non-finite values (sds_nonfinite={sds.get('sds_nonfinite')}, "
                       f"loss_finite={sds.get('loss_finite')}, render_grad_finite={sds.get('render_grad_finite')})")
+    mv = report.get("mvdream_step", {})
+    if mv and "error" not in mv and (mv.get("sds_nonfinite") or not mv.get("loss_finite")):
+        failed.append(f"mvdream_step: non-finite values (sds_nonfinite={mv.get('sds_nonfinite')}, "
+                      f"loss_finite={mv.get('loss_finite')})")
     for key, check in report.get("parity", {}).items():
         if isinstance(check, dict) and check.get("ok") is False:
             failed.append(f"parity.{key}: {check}")

@@ -34,8 +34,11 @@ def test_gpu_check_cpu_tiny_mode_writes_its_report(tmp_path):
     refine = report["refine"]  # torch rasterizer timed; nvdiffrast said absent on a CPU; refine steps ran
     assert refine["faces"] == 5120 and refine["torch_ms"] > 0 and "not installed or not on CUDA" in refine["nvdiffrast"]
     assert refine["refine_step_ms"] > 0 and refine["refine_renderer"] == "rasterizer auto" and "parity_ok" not in refine
+    mv = report["mvdream_step"]  # one group of 4 views: [uncond | pos | neg_1 | neg_2] x 4 in one UNet call
+    assert (mv["unet_calls"], mv["unet_rows"], mv["image_size"]) == (1, 16, 32)
+    assert mv["sds_nonfinite"] == 0 and mv["loss_finite"] and mv["render_grad_norm"] > 0 and mv["step_ms"] > 0
     md = (tmp_path / "gpu_report.md").read_text()
-    assert "| Perp-Neg (K=2) |" in md and "## sds_step" in md
+    assert "| Perp-Neg (K=2) |" in md and "## sds_step" in md and "## mvdream_step" in md
 
 
 def gpu_check_module():

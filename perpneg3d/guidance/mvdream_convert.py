@@ -21,13 +21,12 @@ import torch
 
 from perpneg3d.errors import ConfigError
 from perpneg3d.guidance.mvdream import multiview_config
+from perpneg3d.guidance.random_sd import MVDREAM_SAMPLE_SIZE
 
 LDM_UNET = "model.diffusion_model."
 CAMERA_EMBED = "camera_embed."
 # where diffusers' ldm converter reads a projection class embedding (class_embed_type "projection")
 LDM_PROJECTION = "label_emb.0."
-# MVDream's training resolution: 4 views of 256 x 256 (latents 32 x 32); its configs set image_size 32
-MVDREAM_SAMPLE_SIZE = 32
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
