@@ -25,10 +25,10 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/python train.py experiment=toy
 
-# two workers, a test file each at a time (module fixtures stay whole); the SLURM tests, which mostly wait on the
-# local cluster, are handed out first (tests/conftest.py), so the other files run beside them
+# two workers, a test file each at a time (module fixtures stay whole), in tests/conftest.py's order: the SLURM
+# tests (which mostly wait on the local cluster) first, then the longest files
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # Debian's SLURM + munge for the tests marked `slurm` (root and apt-get; else one line says why not)
 slurm-packages:

@@ -27,8 +27,9 @@ def run_cli(script, *args):
     (["guidance=sd21", "guidance.denoiser.pretrained_model_name_or_path=/no/such/model"],
      "cannot load Stable Diffusion '/no/such/model'"),
     (["experiment=toy", "export.formats=[fbx]"], "export.formats=['fbx']: choose from glb, obj, ply"),
-    (["experiment=toy", "guidance.mode=perp"], "guidance.mode='perp' is unknown: use one of cfg, negprompt, cebm, perpneg"),
-    (["experiment=toy", "guidance.mode=cfg"], "guidance.neg_gain=2.0 has no effect with guidance.mode=cfg"),
+    # the small toy dataset (cached by other tests): these errors come when the guidance is built, after its prior
+    (["experiment=toy", "guidance.denoiser.dataset.num_images=300", "guidance.mode=perp"], "guidance.mode='perp' is unknown: use one of cfg, negprompt, cebm, perpneg"),
+    (["experiment=toy", "guidance.denoiser.dataset.num_images=300", "guidance.mode=cfg"], "guidance.neg_gain=2.0 has no effect with guidance.mode=cfg"),
     (["--cfg", "job", "trainer.max_stepz=3"], "unknown config key 'trainer.max_stepz'"),
 ])
 def test_train_cli_errors_are_one_line(args, message, tmp_path):

@@ -135,7 +135,8 @@ def offline(command: str, places: dict) -> str:
             else TINY
         if not any(w.startswith("resume=") for w in words):
             command += " " + " ".join(shlex.quote(o) for o in tiny) + f" out_dir={out}"
-        if "then_refine=true" in words:
+        if "then_refine=true" in words:  # one job of the sweep: a two-job sweep runs in the commands around it
+            command = command.replace("seed=0,1 ", "seed=0 ")
             command += " " + shlex.quote("refine_overrides=[" + ",".join(f'"{o}"' for o in REFINE_TINY) + "]")
     elif words[:2] == ["python", "scripts/sample_2d.py"]:
         command += f" steps=3 out_dir={out}/sample_2d guidance.denoiser.dataset.num_images=300"
