@@ -164,6 +164,9 @@ def test_mvdream_loads_refuses_a_plain_sd_and_needs_cameras(tiny_mvdream, tiny_s
     assert den.views_per_group == 4 and den.embed(["a corgi"]).shape == (1, 77, 32)
     with pytest.raises(ModelNotFoundError, match="is a Stable Diffusion without MVDream's camera embedding"):
         MVDream(str(tiny_sd_path), device="cpu")
+    with pytest.raises(ModelNotFoundError, match=r"^cannot load MVDream '/no/such/mv'.*: no such folder\. Convert "
+                                                 r"MVDream's checkpoint once: python scripts/convert_mvdream.py"):
+        MVDream("/no/such/mv", device="cpu")
     with pytest.raises(ConfigError, match="conditions every image on its camera"):
         den.eps(torch.zeros(4, 4, 4, 4), torch.zeros(4, dtype=torch.long), den.embed(["a"] * 4))
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from perpneg3d.errors import ConfigError, ModelNotFoundError
+from perpneg3d.guidance.pretrained import offline_note
 from perpneg3d.guidance.stable_diffusion import StableDiffusion
 
 CAMERA_DIM = 16  # a flattened 4x4 matrix
@@ -85,6 +86,12 @@ def multiview_unet(config: dict, num_views: int = 4, state_dict: dict | None = N
     return unet
 
 
+def _missing_mvdream_message(name: str, reason: str) -> str:
+    return (f"cannot load MVDream '{name}'{offline_note()}: {reason.rstrip('.')}. Convert MVDream's checkpoint once: "
+            "python scripts/convert_mvdream.py checkpoint=<sd-v2.1-base-4view.pt> out=<folder>, then "
+            "guidance.denoiser.pretrained_model_name_or_path=<folder>; offline without weights: guidance=toy_mv")
+
+
 class MVDream(StableDiffusion):
     """MVDream behind the denoiser interface and contracts.MultiView: SD 2.1-base's text encoder and VAE with the
     multi-view UNet, from a diffusers folder whose UNet has the camera embedding (class_embed_type "projection" over
@@ -99,7 +106,7 @@ class MVDream(StableDiffusion):
             raise ModelNotFoundError("guidance.denoiser.pretrained_model_name_or_path is not set: MVDream needs a diffusers "
                                      "folder whose UNet has its camera embedding (from MVDream's sd-v2.1-base-4view.pt: "
                                      "python scripts/convert_mvdream.py checkpoint=<file> out=<folder>); offline "
-                                     "without weights: guidance=toy")
+                                     "without weights: guidance=toy_mv")
         super().__init__(pretrained_model_name_or_path, torch_dtype, device, local_files_only, revision,
                          enable_attention_slicing, channels_last, compile, cudnn_benchmark)
         config = self.unet.config
@@ -110,6 +117,8 @@ class MVDream(StableDiffusion):
                 "MVDream folder, or guidance=sd21 for Stable Diffusion")
         self.views_per_group = int(views_per_group)
         set_multiview_attention(self.unet, self.views_per_group)
+
+    missing_model_message = staticmethod(_missing_mvdream_message)
 
     def eps(self, latents_t: Tensor, t: Tensor, text_emb: Tensor) -> Tensor:
         raise ConfigError("MVDream conditions every image on its camera: it guides training (SDS), where guided_eps "

@@ -49,7 +49,7 @@ class StableDiffusion:
 
         self.name = str(pretrained_model_name_or_path)
         self.device, self.dtype, src, kw = prepare_load(self.name, device, torch_dtype, local_files_only, revision,
-                                                        _missing_model_message)
+                                                        self.missing_model_message)
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
             self.text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw).to(self.dtype)
@@ -58,8 +58,10 @@ class StableDiffusion:
             self.scheduler_config = dict(DDIMScheduler.load_config(src, subfolder="scheduler", **kw))
         except OSError as err:
             reason = first_line(err)
-            raise ModelNotFoundError(_missing_model_message(self.name, reason)) from None
+            raise ModelNotFoundError(self.missing_model_message(self.name, reason)) from None
         self._finish_setup(enable_attention_slicing, channels_last, compile, cudnn_benchmark)
+
+    missing_model_message = staticmethod(_missing_model_message)  # (name, reason) -> the one-line error
 
     def _finish_setup(self, enable_attention_slicing: bool = False, channels_last: bool = False,
                       compile: bool = False, cudnn_benchmark: bool = False) -> None:
