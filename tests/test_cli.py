@@ -22,7 +22,7 @@ def run_cli(script, *args):
 @pytest.mark.parametrize("args, message", [
     (["experiment=toy", "prompt="], "prompt is empty"),
     (["trainer.max_step=5"], "unknown config key 'trainer.max_step'"),
-    (["guidance=sd3"], "unknown guidance 'sd3': choose one of if, mvdream, sd15, sd21, toy, toy_one_object"),
+    (["guidance=sd3"], "unknown guidance 'sd3': choose one of if, mvdream, sd15, sd21, toy, toy_mv, toy_one_object"),
     (["hydra/launcher=slurmm"], "unknown hydra/launcher 'slurmm': choose one of"),
     (["guidance=sd21", "guidance.denoiser.pretrained_model_name_or_path=/no/such/model"],
      "cannot load Stable Diffusion '/no/such/model'"),

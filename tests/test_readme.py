@@ -49,6 +49,13 @@ SKIPPED = {
                                                          "make gpu-rehearsal builds them with pip's toolkit",
     "python scripts/gpu_check.py --device cpu --tiny --out /tmp/check": "tests/test_gpu_check.py runs this check "
                                                                          "(about 100 s) and asserts its report",
+    "python scripts/convert_mvdream.py checkpoint=sd-v2.1-base-4view.pt out=models/mvdream-sd21":
+        "needs MVDream's checkpoint from the hub; tests/test_mvdream_convert.py runs the script on an ldm checkpoint "
+        "written from MVDream's model code",
+    "python train.py guidance=mvdream guidance.denoiser.pretrained_model_name_or_path=models/mvdream-sd21 "
+    "cameras.views_per_group=4 cameras.batch_size=4 prompts=plain 'prompts.template=\"{prompt}\"' "
+    "prompt=\"a corgi standing\"": "MVDream's weights; tests/test_mvdream.py trains the same path on a tiny random "
+                                    "MVDream folder",
     "python scripts/slurm_local.py start": "tests/test_slurm.py starts the same cluster (slurm_local.start)",
     "export SLURM_CONF=/tmp/perpneg3d-slurm/slurm.conf": "tests/test_slurm.py sets SLURM_CONF for its commands",
     "python train.py -m seed=0,1 experiment=toy hydra/launcher=submitit_slurm hydra.launcher.partition=debug "
