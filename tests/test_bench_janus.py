@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from helpers import TINY_TOY, subprocess_env
 
@@ -23,6 +24,22 @@ def test_wilson_interval_hand_values():
     # k = 9 of 18: centred on 0.5, half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)
     half = (z2 ** 0.5) * (0.25 / 18 + z2 / (4 * 18 ** 2)) ** 0.5 / (1 + z2 / 18)
     assert bench.wilson(9, 18) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-9)
+
+
+def test_a_methods_own_experiment_replaces_the_shared_one_and_composes():
+    """experiment=toy_gs / toy_mv as a method: the shared experiment=toy is dropped (Hydra refuses a group twice),
+    keys with a dot are left to the later value, and the runs' configs compose with the method's groups."""
+    from perpneg3d.config import compose_config
+
+    shared = ["experiment=toy", "trainer.progress=false", "~export", "guidance.neg_gain=1"]
+    assert bench.method_run_overrides(shared, ["experiment=toy_mv"]) == [
+        "trainer.progress=false", "~export", "guidance.neg_gain=1", "experiment=toy_mv"]
+    assert bench.method_run_overrides(shared, ["guidance.neg_gain=2"]) == shared + ["guidance.neg_gain=2"]
+    known = OmegaConf.load(ROOT / "configs" / "bench_janus.yaml").method_overrides
+    for method, target in (("gs_x2", "GaussianCloud"), ("mv", "ImplicitVolume")):
+        cfg = compose_config("train", bench.run_overrides("dog", 0, bench.method_run_overrides(shared, list(known[method]))))
+        assert cfg.geometry._target_.endswith(target) and cfg.trainer.progress is False
+    assert cfg.guidance.denoiser._target_.endswith("ToyMultiViewPrior") and cfg.cameras.views_per_group == 4
 
 
 def test_paired_comparison_counts_fixes_and_breaks():
