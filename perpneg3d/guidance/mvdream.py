@@ -24,6 +24,7 @@ from perpneg3d.guidance.pretrained import offline_note
 from perpneg3d.guidance.stable_diffusion import StableDiffusion
 
 CAMERA_DIM = 16  # a flattened 4x4 matrix
+MVDREAM_SAMPLE_SIZE = 32  # MVDream trains 4 views of 256 x 256 (latents 32 x 32; its configs' image_size)
 TO_MVDREAM_WORLD = torch.tensor([[0.0, 1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 
 

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from perpneg3d.errors import ConfigError
-from perpneg3d.guidance.mvdream import multiview_config
-from perpneg3d.guidance.random_sd import MVDREAM_SAMPLE_SIZE
+from perpneg3d.errors import ConfigError, first_line
+from perpneg3d.guidance.mvdream import MVDREAM_SAMPLE_SIZE, multiview_config
 
 LDM_UNET = "model.diffusion_model."
 CAMERA_EMBED = "camera_embed."
@@ -79,8 +78,7 @@ def convert(checkpoint: str | os.PathLike, base: str, out: str | os.PathLike, lo
         scheduler = DDIMScheduler.from_pretrained(base, subfolder="scheduler", **kw)
         base_unet = dict(UNet2DConditionModel.load_config(base, subfolder="unet", **kw))
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"base model '{base}' could not be read ({first}): pass SD 2.1-base's diffusers folder "
+        raise ConfigError(f"base model '{base}' could not be read ({first_line(err)}): pass SD 2.1-base's diffusers folder "
                           "(stabilityai/stable-diffusion-2-1-base) with base=<folder>") from None
     weights = unet_state_dict(load_checkpoint(checkpoint), base_unet)
     config = multiview_config(base_unet)

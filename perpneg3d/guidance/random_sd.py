@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from perpneg3d.devices import resolve_device
-from perpneg3d.guidance.mvdream import MVDream, multiview_config, set_multiview_attention
+from perpneg3d.guidance.mvdream import MVDREAM_SAMPLE_SIZE, MVDream, multiview_config, set_multiview_attention
 from perpneg3d.guidance.pretrained import random_text_embedding, resolve_dtype
 from perpneg3d.guidance.stable_diffusion import StableDiffusion
 
@@ -40,7 +40,6 @@ TINY_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
 )
 SIZES = {"sd21": (SD21_UNET, SD21_VAE), "tiny": (TINY_UNET, TINY_VAE)}
-MVDREAM_SAMPLE_SIZE = 32  # MVDream trains 4 views of 256 x 256 (latents 32 x 32)
 
 
 class RandomStableDiffusion(StableDiffusion):
@@ -57,42 +56,33 @@ class RandomStableDiffusion(StableDiffusion):
         self.dtype = resolve_dtype(torch_dtype, self.device)
         self.tokenizer, self.text_encoder = None, None
         torch.manual_seed(seed)
-        self.unet = UNet2DConditionModel(**unet_config).to(self.dtype)
+        self.unet = UNet2DConditionModel(**self.unet_config(unet_config)).to(self.dtype)
         self.vae = AutoencoderKL(**vae_config).to(self.dtype)
         self.scheduler_config = dict(SD21_SCHEDULER)
         self._finish_setup(**speed)
+
+    def unet_config(self, config: dict) -> dict:
+        """The UNet's config from the architecture's (a subclass changes it: RandomMVDream)."""
+        return config
 
     def _encode_text(self, texts):
         return random_text_embedding(texts, 77, int(self.unet.config.cross_attention_dim)).to(self.device, self.dtype)
 
 
-
-class RandomMVDream(MVDream):
+class RandomMVDream(RandomStableDiffusion, MVDream):
     """MVDream of a known architecture ("sd21": SD 2.1-base's UNet with the camera embedding and the joint attention
     over `views_per_group` views, at MVDream's 256 px; or "tiny") with random weights: the real cost of a multi-view
     SDS step, offline (gpu_check.py's mvdream_step)."""
 
     def __init__(self, size: str = "sd21", views_per_group: int = 4, device: str = "auto", torch_dtype: str = "auto",
                  seed: int = 0, **speed):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        if size not in SIZES:
-            raise ValueError(f"size={size!r}: use one of {', '.join(SIZES)}")
-        unet_config, vae_config = SIZES[size]
+        super().__init__(size, device, torch_dtype, seed, **speed)
         self.name = f"random {size} MVDream"
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(torch_dtype, self.device)
-        self.tokenizer, self.text_encoder = None, None
-        torch.manual_seed(seed)
-        config = multiview_config(unet_config)
-        if size == "sd21":
-            config["sample_size"] = MVDREAM_SAMPLE_SIZE
-        self.unet = UNet2DConditionModel(**config).to(self.dtype)
-        self.vae = AutoencoderKL(**vae_config).to(self.dtype)
-        self.scheduler_config = dict(SD21_SCHEDULER)
-        self._finish_setup(**speed)
         self.views_per_group = int(views_per_group)
         set_multiview_attention(self.unet, self.views_per_group)
 
-    def _encode_text(self, texts):
-        return random_text_embedding(texts, 77, int(self.unet.config.cross_attention_dim)).to(self.device, self.dtype)
+    def unet_config(self, config: dict) -> dict:
+        out = multiview_config(config)
+        if config is SD21_UNET:
+            out["sample_size"] = MVDREAM_SAMPLE_SIZE
+        return out
