@@ -219,7 +219,8 @@ def mvdream_step(args) -> dict:
     out, rgb = step(1)
     synchronize(args.device)
     ms = 1000 * (time.perf_counter() - t0)
-    return dict(model=den.name, dtype=str(den.dtype), image_size=size, views=4, unet_calls=len(calls), unet_rows=calls[0], step_ms=round(ms, 1), sds_nonfinite=int(out.nonfinite),
+    return dict(model=den.name, dtype=str(den.dtype), image_size=size, views=4, unet_calls=len(calls),
+                unet_rows=calls[0], step_ms=round(ms, 1), sds_nonfinite=int(out.nonfinite),
                 loss_finite=bool(torch.isfinite(out.loss)), render_grad_norm=float(rgb.grad.norm()),
                 **{k: round(v) for k, v in peak_memory_mb(args.device).items()})
 
@@ -256,7 +257,7 @@ def refine_check(args) -> dict:
             image = rasterizer.antialias(rasterizer.interpolate(vertices.abs(), rast, faces), rast, c, faces)
             image.sum().backward()
             return rast.detach()
-        reps = 1 if args.tiny else 5  # --tiny (the CPU rehearsal) checks that it runs: one untimed-quality pass
+        reps = 1 if args.tiny else 5  # --tiny (the CPU rehearsal, the tests) checks that it runs: one pass, no warm-up
         if not args.tiny:
             once()
         synchronize(dev)
@@ -381,7 +382,8 @@ def markdown(report: dict) -> str:
 
 
 SECTIONS = (("environment", environment), ("sds_step", sds_step), ("parity", parity), ("sync_count", sync_count),
-            ("step_benchmark", step_benchmark), ("refine", refine_check), ("mvdream_step", mvdream_step), ("pytest_gpu", gpu_tests),
+            ("step_benchmark", step_benchmark), ("refine", refine_check), ("mvdream_step", mvdream_step),
+            ("pytest_gpu", gpu_tests),
             ("compile", compile_benchmark))
 
 
