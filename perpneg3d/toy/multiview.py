@@ -82,29 +82,16 @@ class ToyMultiViewPrior(ToyPrior):
         n, views = latents_t.shape[0], self.views_per_group
         if n % views:
             raise ValueError(f"{n} images do not form groups of {views} views")
-        x = latents_t.float().flatten(1)
-        abar = self.alphas_cumprod[t.to(self.device)].float().unsqueeze(1)
-        a, v = abar.sqrt(), 1 - abar
-        var = a * a * self.smoothing ** 2 + v
-        xc = x - a * self.mean
-        logits = (self.log_prior(text_emb) + self.camera_log_kernel(c2w)
-                  + (a * (xc @ self.data_centered.T) - 0.5 * a * a * self.data_sqnorm) / var)  # L [N, M]
+        logits = self.log_joint(latents_t, t, text_emb) + self.camera_log_kernel(c2w)  # L [N, M]
         # l_vo: logsumexp over each object's images (a masked logsumexp: no indexing by object, no host read)
         mask = self.image_object.unsqueeze(0) == torch.arange(self.num_objects, device=self.device).unsqueeze(1)
         per_object = torch.where(mask.unsqueeze(0), logits.unsqueeze(1), -math.inf).logsumexp(-1)  # [N, O]
         log_object = per_object.view(n // views, views, -1).sum(1).log_softmax(-1)  # [G, O]
         log_object = log_object.repeat_interleave(views, 0)  # [N, O]
-        log_w = (log_object - per_object).gather(1, self.image_object.expand(n, -1)) + logits
-        w = log_w.exp()
-        k = a * self.smoothing ** 2 / var
-        return w, (1 - a * k) * (w @ self.data) + k * x
+        w = ((log_object - per_object).gather(1, self.image_object.expand(n, -1)) + logits).exp()
+        return w, self.posterior_mean(w, latents_t, t)
 
     def eps_views(self, latents_t: Tensor, t: Tensor, text_emb: Tensor, c2w: Tensor) -> Tensor:
         """eps [N,3,R,R] for N = groups x views_per_group consecutive images and their cameras c2w [N,4,4]."""
         chunk = max(1, self.chunk_size // self.views_per_group) * self.views_per_group  # whole groups per chunk
-        out = []
-        for xs, ts, es, cs in zip(latents_t.split(chunk), t.split(chunk), text_emb.split(chunk), c2w.split(chunk)):
-            _, x0 = self.posterior_views(xs, ts, es, cs)
-            abar = self.alphas_cumprod[ts.to(self.device)].float().unsqueeze(1)
-            out.append((xs.float().flatten(1) - abar.sqrt() * x0) / (1 - abar).sqrt())
-        return torch.cat(out).reshape(latents_t.shape)
+        return self.chunked_eps(self.posterior_views, chunk, latents_t, t, text_emb, c2w)

@@ -98,23 +98,35 @@ class ToyPrior:
         feature = self.text_encoder.readout(text_emb.float().to(self.device))
         return torch.log_softmax(feature @ self.caption_emb.T / self.tau, dim=-1)
 
-    def posterior(self, latents_t: Tensor, t: Tensor, text_emb: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior weights w [N, M] over the data set and E[x_0 | x_t] [N, D]."""
+    def log_joint(self, latents_t: Tensor, t: Tensor, text_emb: Tensor) -> Tensor:
+        """log pi_i - ||x_t - a x_i||^2 / (2 (a^2 s^2 + v)) [N, M], up to a constant per row."""
         x = latents_t.float().flatten(1)
         abar = self.alphas_cumprod[t.to(self.device)].float().unsqueeze(1)  # [N,1]
         a, v = abar.sqrt(), 1 - abar
         var = a * a * self.smoothing ** 2 + v
         xc = x - a * self.mean
-        logits = self.log_prior(text_emb) + (a * (xc @ self.data_centered.T) - 0.5 * a * a * self.data_sqnorm) / var
-        w = torch.softmax(logits, dim=-1)
-        k = a * self.smoothing ** 2 / var
-        x0 = (1 - a * k) * (w @ self.data) + k * x
-        return w, x0
+        return self.log_prior(text_emb) + (a * (xc @ self.data_centered.T) - 0.5 * a * a * self.data_sqnorm) / var
+
+    def posterior_mean(self, w: Tensor, latents_t: Tensor, t: Tensor) -> Tensor:
+        """E[x_0 | x_t] [N, D] for posterior weights w [N, M]: sum_i w_i (x_i + k (x_t - a x_i))."""
+        abar = self.alphas_cumprod[t.to(self.device)].float().unsqueeze(1)
+        a = abar.sqrt()
+        k = a * self.smoothing ** 2 / (a * a * self.smoothing ** 2 + 1 - abar)
+        return (1 - a * k) * (w @ self.data) + k * latents_t.float().flatten(1)
+
+    def posterior(self, latents_t: Tensor, t: Tensor, text_emb: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior weights w [N, M] over the data set and E[x_0 | x_t] [N, D]."""
+        w = torch.softmax(self.log_joint(latents_t, t, text_emb), dim=-1)
+        return w, self.posterior_mean(w, latents_t, t)
 
     def eps(self, latents_t: Tensor, t: Tensor, text_emb: Tensor) -> Tensor:
+        return self.chunked_eps(self.posterior, self.chunk_size, latents_t, t, text_emb)
+
+    def chunked_eps(self, posterior, chunk: int, latents_t: Tensor, t: Tensor, *rows: Tensor) -> Tensor:
+        """eps = (x_t - a E[x_0 | x_t]) / sqrt(v) from posterior(x_t, t, *rows) -> (w, x0), `chunk` rows at a time."""
         out = []
-        for xs, ts, es in zip(latents_t.split(self.chunk_size), t.split(self.chunk_size), text_emb.split(self.chunk_size)):
-            _, x0 = self.posterior(xs, ts, es)
+        for xs, ts, *rs in zip(latents_t.split(chunk), t.split(chunk), *(r.split(chunk) for r in rows)):
+            _, x0 = posterior(xs, ts, *rs)
             abar = self.alphas_cumprod[ts.to(self.device)].float().unsqueeze(1)
             out.append((xs.float().flatten(1) - abar.sqrt() * x0) / (1 - abar).sqrt())
         return torch.cat(out).reshape(latents_t.shape)
