@@ -163,3 +163,33 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted (Ctrl-C)" and "Traceback" not in err
+
+
+@pytest.mark.parametrize("script, outcome", [("kill -TERM $$", SystemExit), ("exit 1", subprocess.CalledProcessError)])
+def test_a_requeue_stopped_by_slurms_own_sigterm_still_exits_for_the_requeue(tmp_path, monkeypatch, script, outcome):
+    """submitit's SLURM handler runs `scontrol requeue <job>`; SLURM then SIGTERMs the job's processes, and on a busy
+    controller that reaches scontrol before it exits (seen in CI). The hand-over ends the job as after a requeue;
+    scontrol failing on its own is still an error."""
+    (tmp_path / "scontrol").write_text(f"#!/bin/sh\n{script}\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    requeued = []
+
+    def submitit_like(signum, frame):
+        requeued.append(signum)
+        subprocess.check_call(["scontrol", "requeue", "3"], timeout=60)
+
+    before = signal.signal(signal.SIGUSR2, submitit_like)
+    try:
+        with PreemptionHandler() as stop:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.05)
+            assert stop.signum == signal.SIGUSR2 and not requeued  # ours only asks for a checkpoint first
+            with pytest.raises(outcome) as raised:
+                stop.hand_over()
+        assert requeued == [signal.SIGUSR2]
+        if outcome is SystemExit:
+            assert raised.value.code == -1  # what submitit's own exit after a requeue raises
+        assert signal.getsignal(signal.SIGUSR2) is submitit_like  # the hand-over restored it
+    finally:
+        signal.signal(signal.SIGUSR2, before)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 import threading
 
 log = logging.getLogger(__name__)
@@ -60,4 +61,20 @@ class PreemptionHandler:
         previous = self._previous.get(self.signum)
         self.__exit__()
         if callable(previous) and self.signum != signal.SIGINT:  # Ctrl-C ends here: train.py prints how to resume
-            previous(self.signum, getattr(self, "_frame", None))
+            try:
+                previous(self.signum, getattr(self, "_frame", None))
+            except subprocess.CalledProcessError as err:
+                if not killed_by_its_own_requeue(err):
+                    raise
+                # SLURM accepted the requeue and stops the job's processes with SIGTERM: on a busy controller
+                # that can reach `scontrol requeue` itself before it exits (submitit #1708's log shows the
+                # order). The job is requeued; end as submitit does after a requeue it saw succeed.
+                log.warning("`%s` was stopped by SIGTERM, which SLURM sends to the job it requeues: exiting "
+                            "for the requeued job to resume from the checkpoint", " ".join(map(str, err.cmd)))
+                raise SystemExit(-1) from None
+
+
+def killed_by_its_own_requeue(err: subprocess.CalledProcessError) -> bool:
+    """`scontrol requeue <job>` (submitit's requeue on SLURM) ended by SIGTERM rather than exiting."""
+    cmd = [str(c) for c in err.cmd] if isinstance(err.cmd, (list, tuple)) else str(err.cmd).split()
+    return cmd[:2] == ["scontrol", "requeue"] and err.returncode == -signal.SIGTERM
