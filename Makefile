@@ -18,7 +18,7 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test,browser]"
+	$(BIN)/python -m pip install -q -e ".[test,browser,gsplat]"
 	$(BIN)/python -m pip install -q --no-deps clip-anytorch==2.6.0
 	touch $(STAMP)
 

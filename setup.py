@@ -44,5 +44,9 @@ setup(
         # nvdiffrast's CUDA rasterizer for the refine stage (its kernels build on first use; NVIDIA's
         # non-commercial licence, so optional: without it meshes are rasterized in torch)
         "nvdiffrast": ["diffrp-nvdiffrast==0.3.3"],
+        # gsplat's CUDA rasterizer for 3D Gaussians (Apache-2.0; kernels build on first use on CUDA). The CPU
+        # tests use its torch reference of the projection to pin the cameras handed to it. gsplat imports
+        # `packaging` without declaring it.
+        "gsplat": ["gsplat==1.5.3", "packaging"],
     },
 )

@@ -283,6 +283,84 @@ def refine_check(args) -> dict:
     return result
 
 
+GAUSSIAN_TOLERANCE = dict(mean_abs_rgb=5e-3, grad_cosine=0.99)  # gsplat vs the torch path (their documented differences)
+
+
+def gaussians_check(args) -> dict:
+    """3D Gaussians: gsplat's CUDA rasterization against the torch path on one cloud (2000 Gaussians, opacities
+    below 0.9 so that neither alpha cap applies, 4 cameras at 256 px; 64 px with --tiny): mean and max |rgb|
+    difference, and the cosine between the two paths' gradients of the means, scales and colours for one fixed
+    random weighting of the image; ms of a forward + backward of each. Then experiment=gs steps (Stable
+    Diffusion 2.1-base at random weights, full size unless --tiny) at 512 px renders (16 with --tiny): ms per
+    step, steps/s, peak memory and the path used."""
+    from dataclasses import replace as with_fields
+
+    from perpneg3d.cameras import orbit_cameras
+    from perpneg3d.contracts import Gaussians
+    from perpneg3d.renderer import DiffuseMaterial, SolidBackground, gsplat_rasterizer
+    from perpneg3d.renderer.gaussian_renderer import GaussianRenderer
+
+    dev, res, result = args.device, (64 if args.tiny else 256), {}
+    found = gsplat_rasterizer.probe()
+    result["gsplat_kernels"] = dict(ok=found.ok, reason=found.reason, seconds=round(found.seconds, 1))
+    g0 = torch.Generator().manual_seed(0)
+    n = 2000
+    leaves = [(torch.rand(n, 3, generator=g0) - 0.5) * 1.2, 0.01 + 0.04 * torch.rand(n, 3, generator=g0),
+              torch.nn.functional.normalize(torch.randn(n, 4, generator=g0), dim=-1), 0.1 + 0.8 * torch.rand(n, generator=g0),
+              torch.rand(n, 3, generator=g0)]
+    weights = torch.rand(4, res, res, 3, generator=g0).to(dev)
+    cams = orbit_cameras(torch.tensor([0.0, 90.0, 180.0, 270.0]), 15.0, 2.0, 40.0, res).to(dev)
+
+    class Cloud:
+        radius = 1.0
+
+        def __init__(self, tensors):
+            self.tensors = tensors
+
+        def gaussians(self):
+            return Gaussians(*self.tensors)
+
+    paths = {"torch": "torch"} | ({"gsplat": "gsplat"} if found.ok and dev.type == "cuda" else {})
+    if len(paths) == 1:
+        result["gsplat"] = "not compared: " + ("no CUDA device" if dev.type != "cuda" else found.reason)
+    images, grads = {}, {}
+    for name, choice in paths.items():
+        renderer = GaussianRenderer(SolidBackground((0.0, 0.0, 0.0)), DiffuseMaterial(), rasterizer=choice).to(dev)
+
+        def once():
+            tensors = [t.to(dev).requires_grad_(i in (0, 1, 4)) for i, t in enumerate(leaves)]
+            out = renderer(Cloud(tensors), cams)
+            (out.rgb * weights).sum().backward()
+            return out.rgb.detach(), [tensors[i].grad for i in (0, 1, 4)]
+        reps = 1 if args.tiny else 5
+        if not args.tiny:
+            once()
+        synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            images[name], grads[name] = once()
+        synchronize(dev)
+        result[f"{name}_forward_backward_ms"] = round(1000 * (time.perf_counter() - t0) / reps, 2)
+    result.update(gaussians=n, cameras=4, resolution=res)
+    if len(images) == 2:
+        diff = (images["torch"] - images["gsplat"]).abs()
+        cosines = {key: float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+                   for key, a, b in zip(("means", "scales", "colors"), grads["torch"], grads["gsplat"])}
+        result.update(mean_abs_rgb=float(diff.mean()), max_abs_rgb=float(diff.max()), grad_cosine=cosines,
+                      tolerance=GAUSSIAN_TOLERANCE,
+                      parity_ok=float(diff.mean()) <= GAUSSIAN_TOLERANCE["mean_abs_rgb"]
+                      and min(cosines.values()) >= GAUSSIAN_TOLERANCE["grad_cosine"])
+    size = 16 if args.tiny else 512
+    overrides = ["experiment=gs", "trainer.progress=false", f"cameras.heights=[{size}]", f"cameras.widths=[{size}]",
+                 "cameras.resolution_milestones=[]"] + (["geometry.num_points=500"] if args.tiny else [])
+    bench = measure(build_setup(overrides, make_denoiser(args)), args.steps, args.warmup)
+    memory = bench.get("peak_allocated_mb", bench.get("peak_rss_mb"))
+    result.update(gs_step_ms=round(bench["ms"]["step"], 1), gs_steps_per_s=round(1000 / bench["ms"]["step"], 2),
+                  gs_resolution=size, gs_peak_mb=round(memory), gs_renderer=bench["renderer"],
+                  gs_phases_ms={k: round(v, 1) for k, v in bench["ms"].items()})
+    return result
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -383,6 +461,7 @@ def markdown(report: dict) -> str:
 
 SECTIONS = (("environment", environment), ("sds_step", sds_step), ("parity", parity), ("sync_count", sync_count),
             ("step_benchmark", step_benchmark), ("refine", refine_check), ("mvdream_step", mvdream_step),
+            ("gaussians", gaussians_check),
             ("pytest_gpu", gpu_tests),
             ("compile", compile_benchmark))
 
@@ -414,6 +493,10 @@ def failed_checks(report: dict) -> list[str]:
     if refine.get("parity_ok") is False:
         failed.append(f"refine: torch rasterizer vs nvdiffrast differ (coverage {refine['coverage_agreement']:.4f}, "
                       f"barycentrics {refine['barycentric_max_diff']})")
+    gaussians = report.get("gaussians", {})
+    if gaussians.get("parity_ok") is False:
+        failed.append(f"gaussians: gsplat vs the torch path differ (mean |rgb| {gaussians['mean_abs_rgb']:.2e}, "
+                      f"gradient cosines {gaussians['grad_cosine']})")
     tests = report.get("pytest_gpu", {})
     if tests.get("ok") is False:
         failed.append(f"pytest_gpu: {tests.get('summary')}")

@@ -14,7 +14,9 @@ FAILED, its time, the first error line):
 6. nerfacc-build: nerfacc's kernels compiled and linked for sm_90 (H100/H200) with them, and imported;
 7. nerfacc-build-system: the same with the node's layout, a system toolkit (a CUDA_HOME shaped like
    /usr/local/cuda) used alone while pip's CUDA wheels are installed too;
-8. tests: the CPU test suite in that venv.
+8. gsplat-build: gsplat's kernels (the Gaussians' CUDA rasterizer) compiled and linked for sm_90 with pip's
+   toolkit, and imported; its outcome, with the first error line, is what README and docs/gpu.md report;
+9. tests: the CPU test suite in that venv.
 It downloads several GB the first time (torch's CUDA build and its libraries). Not part of CI; run it after
 any change to the dependencies, the wheelhouse, the CUDA build or gpu_check (README, "GPU").
 """
@@ -131,6 +133,7 @@ class Rehearsal:
             # 9.5 that 13.0's ptxas refuses ("Unsupported .version 9.5")
             ok = self.step("cuda-compiler", [self.py, "-m", "pip", "install", "-q", *(
                 f"nvidia-{part}{spec}" for part in ("cuda-nvcc", "cuda-cccl", "cuda-runtime", "nvvm", "cuda-crt"))])
+            cuda_ok = ok
             # the pip toolkit, not a system one this machine may have: CUDA_HOME names it; build_environment
             # finds its headers and makes the libcudart.so link, as on a node with pip's CUDA
             site = subprocess.run([self.py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -148,6 +151,13 @@ class Rehearsal:
                 TORCH_EXTENSIONS_DIR=str(WORK / "torch_extensions_system")), check=lambda out: (
                     None if "build environment: CPATH=" not in out else "pip's headers were put on CPATH beside the "
                     "system toolkit's"))
+            # gsplat's kernels whatever nerfacc's did (they are independent): pip's toolkit, as nerfacc-build
+            if cuda_ok:
+                self.step("gsplat-build", [self.py, "-m", "perpneg3d.renderer.gsplat_rasterizer", "--without-device",
+                                           "--timeout", "5400"],
+                          [self.py, "-c", "from gsplat.cuda import _backend; import sys; "
+                           "sys.exit(0 if _backend._C is not None else 'not loaded')"],
+                          env=dict(build_env, TORCH_EXTENSIONS_DIR=str(WORK / "torch_extensions_gsplat")))
         if ok and not a.skip_tests:
             self.step("tests", [self.py, "-m", "pytest", "-q", "-x", "-m", "not slurm"])
         return self.summary()

@@ -40,6 +40,8 @@ from perpneg3d.errors import PerpNegError, reported_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_ROOTS = ("pytest",)  # the test runner; the project itself comes from its setup.py
+NODE_EXTRAS = ("gsplat",)  # setup.py's extras the node gets too: gsplat's CUDA rasterizer (Apache-2.0; nvdiffrast's
+# non-commercial licence keeps it out: a user installs it knowingly)
 NO_DEPS = ("clip-anytorch==2.6.0",)  # the tests' CLIP vocabulary (a data file): installed without its requirements
 ALWAYS_STAND_IN = {"torch"}  # never downloaded or replaced, whatever the list says
 MANYLINUX = ("manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
@@ -123,7 +125,7 @@ def resolve(python: str, python_version: str, node: dict[str, str | None], work:
         stand_in_wheel(name, version, stand_ins)
     pinned.update({n: v for n, v in SMALLER.items() if n not in pinned})
     (work / "constraints.txt").write_text("".join(f"{n}=={v}\n" for n, v in sorted(pinned.items())))
-    (work / "roots.txt").write_text("".join(f"{r}\n" for r in (str(ROOT), *TEST_ROOTS)))
+    (work / "roots.txt").write_text("".join(f"{r}\n" for r in (f"{ROOT}[{','.join(NODE_EXTRAS)}]", *TEST_ROOTS)))
     for _ in range(10):  # each round builds a wheel for one package the index has as source only
         done = pip(python, "install", "--dry-run", "--ignore-installed", "--report", str(work / "report.json"),
                    "--target", str(work / "target"), *target_args(python_version), "--find-links", str(stand_ins),

@@ -302,3 +302,138 @@ def test_densify_clones_small_splits_large_prunes_faint_and_moves_adams_state():
     capped.means.grad = torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 0], [0, 0, 0]])
     capped.densify(1, opt2)
     assert capped.num_points == 5 and torch.equal(capped.means[4], capped.means[1])  # only the hotter one cloned
+
+
+def random_gaussians(n: int, seed: int, dtype=torch.float64) -> Gaussians:
+    g0 = torch.Generator().manual_seed(seed)
+    return Gaussians((torch.rand(n, 3, generator=g0, dtype=dtype) - 0.5) * 1.6,
+                     0.03 + 0.15 * torch.rand(n, 3, generator=g0, dtype=dtype),
+                     torch.nn.functional.normalize(torch.randn(n, 4, generator=g0, dtype=dtype), dim=-1),
+                     0.2 + 0.7 * torch.rand(n, generator=g0, dtype=dtype), torch.rand(n, 3, generator=g0, dtype=dtype))
+
+
+def test_the_cameras_handed_to_gsplat_project_as_the_torch_path_does():
+    """gsplat's own torch reference of its projection (gsplat 1.5.3, gsplat/cuda/_torch_impl.py), given the
+    viewmats and Ks the CUDA path hands over and the covariances gsplat builds from our quaternions (w, x, y, z)
+    and scales, puts every Gaussian where the torch path does: means half a pixel on (its pixel centres are at
+    j + 0.5), the same inverse covariances (the 1.3 half-width clamp of the Jacobian included: some Gaussians lie
+    outside the frame) and the same depths. A non-square image: width and height are not swapped."""
+    reference = pytest.importorskip("gsplat.cuda._torch_impl")
+    from perpneg3d.renderer.gaussian_renderer import conic_and_radius, project
+    from perpneg3d.renderer.gsplat_rasterizer import gsplat_cameras
+
+    g = random_gaussians(40, seed=3)
+    cams = orbit_cameras(torch.tensor([0.0, 100.0, 230.0]), torch.tensor([10.0, -20.0, 45.0]), 1.6, 50.0, 24, 40)
+    cams = replace(cams, c2w=cams.c2w.double(), fovy_deg=cams.fovy_deg.double())
+    viewmats, ks = gsplat_cameras(cams)
+    covars, _ = reference._quat_scale_to_covar_preci(g.rotations, g.scales, compute_preci=False)
+    radii, means2d, depths, conics, _ = reference._fully_fused_projection(
+        g.means, covars, viewmats, ks, cams.width, cams.height, eps2d=0.3, near_plane=0.05)
+    mean2d, cov2d, depth = project(g, cams, eps2d=0.3)
+    conic, _ = conic_and_radius(cov2d)
+    seen = depth > 0.05
+    outside = (mean2d[..., 0] < 0) | (mean2d[..., 0] > cams.width - 1) | (mean2d[..., 1] < 0) | (mean2d[..., 1] > cams.height - 1)
+    assert 10 < int(seen.sum()) and int((outside & seen).sum()) >= 3  # the clamp is exercised
+    assert torch.allclose(depths, depth, atol=1e-12)
+    assert torch.allclose(means2d[seen] - 0.5, mean2d[seen], atol=1e-9)
+    assert torch.allclose(conics[seen], conic[seen], rtol=1e-9, atol=1e-12)
+    assert (radii[~seen] == 0).all()
+
+
+def gsplat_stand_in(calls: list):
+    """gsplat.rasterization's signature and conventions on the CPU: gsplat's torch reference projection (above),
+    then the torch path's compositor (gsplat composites in CUDA only), its pixel centres moved back by half a
+    pixel. Records every call's arguments."""
+    reference = pytest.importorskip("gsplat.cuda._torch_impl")
+    from perpneg3d.renderer.gaussian_renderer import composite
+
+    def rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, eps2d,
+                      packed, rasterize_mode, render_mode):
+        calls.append(dict(colors=colors.shape, width=width, height=height, near=near_plane, eps2d=eps2d,
+                          packed=packed, mode=(rasterize_mode, render_mode), dtype=means.dtype))
+        covars, _ = reference._quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+        _, means2d, depths, conics, _ = reference._fully_fused_projection(means, covars, viewmats, Ks, width, height,
+                                                                          eps2d=eps2d, near_plane=near_plane)
+        a, b, c = conics.unbind(-1)
+        det = a * c - b * b
+        cov2d = torch.stack([torch.stack([c, -b], -1), torch.stack([-b, a], -1)], -2) / det[..., None, None]
+        out, alpha = composite(means2d - 0.5, cov2d, depths, opacities, colors, height, width, near_plane)
+        return out, alpha, {}
+
+    return rasterization
+
+
+def test_the_gsplat_path_hands_over_per_camera_colours_depths_and_normals_as_the_torch_path_blends_them():
+    """The renderer's CUDA path, run on the CPU with a stand-in for gsplat.rasterization (gsplat's reference
+    projection + our compositor): rgb, opacity, depth and normals equal the torch path's on three cameras of a
+    non-square image, and gsplat is called once, in float32, unpacked, classic mode, with the per-camera features
+    [B, N, 7] (colour 3, distance 1, normal 3) and the renderer's near plane and eps2d."""
+    g = random_gaussians(60, seed=4, dtype=torch.float32)
+    cams = orbit_cameras(torch.tensor([20.0, 150.0, 260.0]), 15.0, 2.0, 40.0, 12, 20)
+    make = lambda: GaussianRenderer(SolidBackground((0.2, 0.4, 0.6)), DiffuseMaterial(), near=0.1, eps2d=0.3)  # noqa: E731
+    torch_path = make()(Fixed(g), cams, shading="lambertian", with_normals=True)
+    calls, cuda_path = [], make()
+    cuda_path._device, cuda_path._gsplat = cams.device, gsplat_stand_in(calls)  # as _gsplat_for leaves them on CUDA
+    out = cuda_path(Fixed(g), cams, shading="lambertian", with_normals=True)
+    assert calls == [dict(colors=torch.Size([3, 60, 7]), width=20, height=12, near=0.1, eps2d=0.3, packed=False,
+                          mode=("classic", "RGB"), dtype=torch.float32)]
+    assert torch_path.opacity.amax() > 0.5  # the images are not empty
+    for key in ("rgb", "opacity", "depth", "normal"):
+        assert torch.allclose(getattr(out, key), getattr(torch_path, key), atol=2e-5), key
+
+
+def test_the_rasterizer_choice_follows_the_device_and_says_so_once(monkeypatch, caplog):
+    """renderer.rasterizer: an unknown value and gsplat on the CPU are one-line errors; auto on the CPU is torch;
+    on CUDA, auto takes gsplat when it loads, and falls back to torch with one warning when it does not, while
+    rasterizer=gsplat then refuses in one line with the reason."""
+    from perpneg3d.errors import ConfigError
+    from perpneg3d.renderer import gsplat_rasterizer
+    from perpneg3d.renderer.nerfacc_cuda import Probe
+
+    with pytest.raises(ConfigError, match=r"^renderer.rasterizer='splat': use auto, torch, gsplat$"):
+        GaussianRenderer(SolidBackground(), DiffuseMaterial(), rasterizer="splat")
+    with pytest.raises(ConfigError, match="^renderer.rasterizer=gsplat needs CUDA \\(the Gaussians are on cpu\\)"):
+        GaussianRenderer(SolidBackground(), DiffuseMaterial(), rasterizer="gsplat")._gsplat_for(torch.device("cpu"))
+    assert GaussianRenderer(SolidBackground(), DiffuseMaterial())._gsplat_for(torch.device("cpu")) is None
+    cuda, loaded = torch.device("cuda", 0), object()
+    monkeypatch.setattr(gsplat_rasterizer, "probe", lambda: Probe(True, "loaded", 0.0, loaded))
+    assert GaussianRenderer(SolidBackground(), DiffuseMaterial())._gsplat_for(cuda) is loaded
+    assert GaussianRenderer(SolidBackground(), DiffuseMaterial(), rasterizer="torch")._gsplat_for(cuda) is None
+    monkeypatch.setattr(gsplat_rasterizer, "probe", lambda: Probe(False, "gsplat is not installed (pip install -e .[gsplat])"))
+    auto = GaussianRenderer(SolidBackground(), DiffuseMaterial())
+    with caplog.at_level("WARNING"):
+        assert auto._gsplat_for(cuda) is None and auto._gsplat_for(cuda) is None
+    warned = [r.getMessage() for r in caplog.records if "gsplat unavailable" in r.getMessage()]
+    assert warned == ["gsplat unavailable (gsplat is not installed (pip install -e .[gsplat])): Gaussians are "
+                      "splatted in torch, more slowly (pip install -e .[gsplat])"]
+    with pytest.raises(ConfigError, match=r"^renderer.rasterizer=gsplat: gsplat is not installed .*; or use renderer.rasterizer=auto$"):
+        GaussianRenderer(SolidBackground(), DiffuseMaterial(), rasterizer="gsplat")._gsplat_for(cuda)
+
+
+def test_the_stable_diffusion_gaussian_preset_trains_with_its_schedule(tmp_path, tiny_sd_path):
+    """experiment=gs with the tiny random Stable Diffusion: its render sizes step at its milestones (scaled down
+    here), the Gaussians densify from the SD gradients, and the run writes its summary and mesh."""
+    from helpers import compose_train
+    from perpneg3d.training.checkpoint import latest_valid_checkpoint
+    from perpneg3d.training.run import train
+
+    cfg = compose_train(["experiment=gs", f"guidance.denoiser.pretrained_model_name_or_path={tiny_sd_path}",
+                         "geometry.num_points=200", "geometry.densify_every=2", "geometry.densify_from=2",
+                         "geometry.grad_threshold=1e-9", "geometry.max_points=300", "cameras.heights=[8,16,24]",
+                         "cameras.widths=[8,16,24]", "cameras.resolution_milestones=[2,4]", "trainer.max_steps=5",
+                         "trainer.val_every=5", "trainer.ckpt_every=5", "trainer.val_resolution=16",
+                         "trainer.turntable_frames=2", "trainer.turntable_resolution=16", "trainer.progress=false",
+                         "export.resolution=24", "evaluate_janus=false"], tmp_path)
+    assert cfg.cameras.distance_range == [2.5, 2.5] and cfg.geometry.densify_every == 2
+    cameras = instantiate_cameras(cfg)
+    assert [cameras.sample(step, torch.Generator().manual_seed(0)).height for step in (1, 2, 4)] == [8, 16, 24]
+    run = train(cfg)
+    state = latest_valid_checkpoint(run)[1]
+    assert state["step"] == 5 and 200 < state["geometry"]["means"].shape[0] <= 300  # densified, never above the cap
+    assert (run / "mesh.glb").is_file() and json.loads((run / "metrics.json").read_text())["steps"] == 5
+
+
+def instantiate_cameras(cfg):
+    from perpneg3d.config import instantiate
+
+    return instantiate(cfg.cameras)

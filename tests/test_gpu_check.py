@@ -37,8 +37,12 @@ def test_gpu_check_cpu_tiny_mode_writes_its_report(tmp_path):
     mv = report["mvdream_step"]  # one group of 4 views: [uncond | pos | neg_1 | neg_2] x 4 in one UNet call
     assert (mv["unet_calls"], mv["unet_rows"], mv["image_size"]) == (1, 16, 32)
     assert mv["sds_nonfinite"] == 0 and mv["loss_finite"] and mv["render_grad_norm"] > 0 and mv["step_ms"] > 0
+    gs = report["gaussians"]  # the torch path timed, gsplat said absent on a CPU; experiment=gs steps ran
+    assert gs["gsplat"] == "not compared: no CUDA device" and gs["gsplat_kernels"]["ok"] is False
+    assert gs["torch_forward_backward_ms"] > 0 and "parity_ok" not in gs
+    assert gs["gs_step_ms"] > 0 and gs["gs_resolution"] == 16 and gs["gs_renderer"] == "splatting (torch)"
     md = (tmp_path / "gpu_report.md").read_text()
-    assert "| Perp-Neg (K=2) |" in md and "## sds_step" in md and "## mvdream_step" in md
+    assert "| Perp-Neg (K=2) |" in md and "## sds_step" in md and "## mvdream_step" in md and "## gaussians" in md
 
 
 def gpu_check_module():
@@ -105,6 +109,9 @@ def test_gpu_check_budget_skips_the_sections_that_would_start_late(tmp_path):
     (dict(sync_count=dict(own=3, nerfacc_sampler=8, ok=False, locations=["volume_renderer.py:90"])),
      "sync_count: 3 synchronisations of perpneg3d's own per step (target 0): ['volume_renderer.py:90']"),
     (dict(pytest_gpu=dict(exit_code=1, ok=False, summary="1 failed, 5 passed")), "pytest_gpu: 1 failed, 5 passed"),
+    (dict(gaussians=dict(parity_ok=False, mean_abs_rgb=0.0312, grad_cosine=dict(means=0.5, scales=0.99, colors=1.0))),
+     "gaussians: gsplat vs the torch path differ (mean |rgb| 3.12e-02, gradient cosines {'means': 0.5, 'scales': 0.99, "
+     "'colors': 1.0})"),
 ])
 def test_gpu_check_names_each_failed_check(report, expected):
     assert gpu_check_module().failed_checks(dict(tiny=False, **report)) == [expected]

@@ -1,7 +1,9 @@
 """Splatting renderer: 3D Gaussians (a contracts.GaussianField) seen from a CameraBatch, as the same RenderOutput
 the volume and mesh renderers give (issue 30; docs/architecture.md, "Gaussian splatting").
 
-The torch path, written for this project (the CPU's; gsplat's CUDA kernels composite on the GPU only):
+Two paths (renderer.rasterizer): gsplat's CUDA rasterization for Gaussians on CUDA when gsplat is installed and
+its kernels build ("auto", or "gsplat" to require it; perpneg3d/renderer/gsplat_rasterizer.py), else the torch path,
+written for this project (the CPU's: gsplat's pixel compositing runs in CUDA only):
 
 - projection (EWA splatting, Zwicker et al. 2002, as 3D Gaussian splatting, Kerbl et al. 2023): a Gaussian of
   world covariance R S S R^T, in the camera's frame W (R S S R^T) W^T, becomes on the image
@@ -20,6 +22,7 @@ turned towards the camera; its colour is shaded once per camera, then blended.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -27,12 +30,16 @@ from torch import Tensor, nn
 
 from perpneg3d.cameras.camera_batch import CameraBatch
 from perpneg3d.contracts import Gaussians
+from perpneg3d.errors import ConfigError
 from perpneg3d.geometry.gaussians import quaternion_to_matrix
 from perpneg3d.random_streams import RandomStreams
+from perpneg3d.renderer import gsplat_rasterizer
 from perpneg3d.renderer.volume_renderer import RenderOutput, ShadedRenderer
 from perpneg3d.validation import NonNegativeFloat, PositiveFloat, validated
 
+log = logging.getLogger(__name__)
 ALPHA_MAX, ALPHA_MIN = 0.99, 1.0 / 255.0
+RASTERIZERS = ("auto", "torch", "gsplat")
 CLAMP_FOV = 1.3  # the Jacobian's x/z, y/z limit in half-widths of the image (gsplat's)
 
 
@@ -138,14 +145,45 @@ def composite(mean2d: Tensor, cov2d: Tensor, depth: Tensor, opacities: Tensor, f
 class GaussianRenderer(ShadedRenderer):
     """Renders a GaussianField as the volume renderer's RenderOutput (rgb over the background, opacity, depth,
     normals); the same materials and backgrounds. near: Gaussians closer to the camera draw nothing; eps2d: the
-    image-space low-pass filter (px^2)."""
+    image-space low-pass filter (px^2); rasterizer: "auto" (gsplat for Gaussians on CUDA when it is installed and
+    builds, else torch, said once in the log), "torch", or "gsplat" (CUDA only)."""
 
     @validated("renderer")
-    def __init__(self, background: nn.Module, material, near: PositiveFloat = 0.05, eps2d: NonNegativeFloat = 0.3):
+    def __init__(self, background: nn.Module, material, near: PositiveFloat = 0.05, eps2d: NonNegativeFloat = 0.3,
+                 rasterizer: str = "auto"):
         super().__init__(background, material)
-        self.near, self.eps2d = near, eps2d
+        if rasterizer not in RASTERIZERS:
+            raise ConfigError(f"renderer.rasterizer={rasterizer!r}: use {', '.join(RASTERIZERS)}")
+        self.near, self.eps2d, self.choice = near, eps2d, rasterizer
+        self._device: torch.device | None = None  # where the current path was chosen for
+        self._gsplat = None  # gsplat.rasterization, when that is the path
 
-    backend = "splatting (torch)"
+    @property
+    def backend(self) -> str:
+        """The path in use once something was drawn (gsplat or torch), else the configured choice."""
+        if self._device is None:
+            return f"splatting ({self.choice})"
+        return f"splatting ({'gsplat' if self._gsplat is not None else 'torch'})"
+
+    def _gsplat_for(self, device: torch.device):
+        """gsplat.rasterization for Gaussians on `device`, or None for the torch path; chosen once per device."""
+        if device == self._device:
+            return self._gsplat
+        self._device, self._gsplat = device, None
+        if self.choice == "torch" or device.type != "cuda":
+            if self.choice == "gsplat":
+                raise ConfigError(f"renderer.rasterizer=gsplat needs CUDA (the Gaussians are on {device}): use "
+                                  "renderer.rasterizer=auto or torch")
+            return None
+        found = gsplat_rasterizer.probe()
+        if not found.ok:
+            if self.choice == "gsplat":
+                raise ConfigError(f"renderer.rasterizer=gsplat: {found.reason}; or use renderer.rasterizer=auto")
+            log.warning("gsplat unavailable (%s): Gaussians are splatted in torch, more slowly (%s)", found.reason,
+                        gsplat_rasterizer.INSTALL)
+            return None
+        self._gsplat = found.module
+        return self._gsplat
 
     def update(self, step: int, geometry) -> None:
         """Nothing per step."""
@@ -154,7 +192,6 @@ class GaussianRenderer(ShadedRenderer):
                 rng: RandomStreams | None = None) -> RenderOutput:
         b, h, w = cameras.batch_size, cameras.height, cameras.width
         g = geometry.gaussians()
-        mean2d, cov2d, depth = project(g, cameras, self.eps2d)
         n = g.means.shape[0]
         eyes = cameras.c2w[:, :3, 3]
         need_normals = with_normals or self.material.needs_normals(shading)
@@ -166,7 +203,12 @@ class GaussianRenderer(ShadedRenderer):
                                      shading).view(b, n, 3)
         distance = (g.means.unsqueeze(0) - eyes.unsqueeze(1)).norm(dim=-1, keepdim=True)  # [B,N,1]
         features = [colors, distance] + ([normals] if with_normals else [])
-        out, opacity = composite(mean2d, cov2d, depth, g.opacities, torch.cat(features, -1), h, w, self.near)
+        gsplat = self._gsplat_for(g.means.device)
+        if gsplat is not None:
+            out, opacity = gsplat_rasterizer.rasterize(gsplat, g, cameras, torch.cat(features, -1), self.near, self.eps2d)
+        else:
+            mean2d, cov2d, depth = project(g, cameras, self.eps2d)
+            out, opacity = composite(mean2d, cov2d, depth, g.opacities, torch.cat(features, -1), h, w, self.near)
         _, dirs = cameras.rays()
         background = self.background(dirs.reshape(-1, 3), rng).view(b, h, w, 3)
         rgb = out[..., :3] + (1 - opacity) * background

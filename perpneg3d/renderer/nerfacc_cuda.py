@@ -61,8 +61,8 @@ def tail(output: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(output.rstrip().splitlines()[-lines:])
 
 
-def build_directory(env: dict | None = None) -> Path:
-    """Where torch's JIT build puts (and looks for) nerfacc's extension; nothing is created."""
+def build_directory(env: dict | None = None, extension: str = EXTENSION_NAME) -> Path:
+    """Where torch's JIT build puts (and looks for) an extension (nerfacc's by default); nothing is created."""
     env = os.environ if env is None else env
     root = env.get("TORCH_EXTENSIONS_DIR")
     if not root:
@@ -70,7 +70,7 @@ def build_directory(env: dict | None = None) -> Path:
         cuda = f"_cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "_cpu"
         cache = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         root = str(Path(cache) / "torch_extensions" / f"{version}{cuda}")
-    return Path(root) / EXTENSION_NAME
+    return Path(root) / extension
 
 
 def stale_lock(build_dir: Path) -> Path | None:
@@ -307,22 +307,26 @@ def first_error(output: str) -> str:
     return (lines[-1:] or ["no output"])[0][:300]
 
 
-def build(timeout_s: float = 900.0) -> Probe:
+def build(timeout_s: float = 900.0, extension: str = EXTENSION_NAME, code: str | None = None,
+          package: str = "nerfacc") -> Probe:
     """Build (or load) the kernels in a child process, in its own process group; on timeout kill the whole
-    group (nvcc and ninja too, not only the child) and remove the lock it left."""
-    lock_before = stale_lock(build_directory())
+    group (nvcc and ninja too, not only the child) and remove the lock it left. nerfacc's by default; another
+    JIT-built package (gsplat: perpneg3d.renderer.gsplat_rasterizer) passes its extension's name and the code
+    that loads it (exit 0: loaded; 3: the package found no toolkit)."""
+    code = BUILD_CODE if code is None else code
+    lock_before = stale_lock(build_directory(extension=extension))
     if lock_before is not None:
         return Probe(False, f"stale build lock {lock_before}: delete it (rm {lock_before}), then build again")
     env = dict(os.environ, **build_environment())
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", BUILD_CODE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=env, start_new_session=True)
     try:
         output, _ = child.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
         output, _ = child.communicate()
-        lock = stale_lock(build_directory())
+        lock = stale_lock(build_directory(extension=extension))
         if lock is not None:
             lock.unlink(missing_ok=True)
         return Probe(False, f"build did not finish in {timeout_s:.0f} s (its processes killed; lock removed): run it "
@@ -332,7 +336,7 @@ def build(timeout_s: float = 900.0) -> Probe:
     if child.returncode == 0:
         return Probe(True, "built", seconds)
     if child.returncode == 3:
-        return Probe(False, "nerfacc found no nvcc on PATH: " + (toolkit_problems(env) or ["install the CUDA toolkit"])[0],
+        return Probe(False, f"{package} found no nvcc on PATH: " + (toolkit_problems(env) or ["install the CUDA toolkit"])[0],
                      seconds, log_tail=tail(output))
     problems = toolkit_problems(env)
     return Probe(False, f"build failed: {first_error(output)}" + (f" ({problems[0]})" if problems else ""), seconds,
