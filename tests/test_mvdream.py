@@ -227,3 +227,97 @@ def test_a_run_trains_with_mvdream_and_refuses_cameras_that_are_not_groups(tiny_
         train(compose_train(base + ["cameras.batch_size=4"], tmp_path / "a"))
     run = train(compose_train(base + ["cameras.batch_size=4", "cameras.views_per_group=4"], tmp_path / "b"))
     assert (run / "metrics.json").is_file() and (run / "ckpts" / "step_0000002.ckpt").is_file()
+
+
+def recon_by_hand(x_t, t, eps_hat, eps_pos, alphas_cumprod, rescale, group):
+    """MVDream's x0-reconstruction target written out group by group (threestudio-mvdream's recon_loss)."""
+    out = []
+    for start in range(0, x_t.shape[0], group):
+        s = slice(start, start + group)
+        abar = alphas_cumprod[t[s]].view(-1, 1, 1, 1)
+        x0 = (x_t[s] - (1 - abar).sqrt() * eps_hat[s]) / abar.sqrt()
+        x0_pos = (x_t[s] - (1 - abar).sqrt() * eps_pos[s]) / abar.sqrt()
+        factor = (x0_pos.std() + 1e-8) / (x0.std() + 1e-8)
+        out.append(rescale * factor * x0 + (1 - rescale) * x0)
+    return torch.cat(out)
+
+
+def test_the_reconstruction_target_without_rescale_is_sds_with_its_own_weight():
+    """x0 from the guided eps: latents - x0_hat = sqrt((1 - abar) / abar) (eps_hat - eps) exactly (float64), and with
+    rescale r the target matches the group-by-group formula (groups of 2 here)."""
+    from perpneg3d.guidance.sds import ScoreDistillation
+
+    class Schedule:
+        num_train_timesteps = 1000
+        alphas_cumprod = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+
+    g = torch.Generator().manual_seed(0)
+    latents, noise, eps_hat, eps_pos = (torch.randn(4, 4, 3, 3, generator=g, dtype=torch.float64) for _ in range(4))
+    t = torch.tensor([100, 100, 700, 700])
+    abar = Schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    plain = ScoreDistillation(Schedule(), recon_loss=True, recon_std_rescale=0.0)
+    assert torch.allclose(latents - plain.reconstruction(x_t, t, eps_hat, eps_pos, 2),
+                          ((1 - abar) / abar).sqrt() * (eps_hat - noise), atol=1e-12)
+    mixed = ScoreDistillation(Schedule(), recon_loss=True, recon_std_rescale=0.5)
+    want = recon_by_hand(x_t, t, eps_hat, eps_pos, Schedule.alphas_cumprod, 0.5, 2)
+    assert torch.allclose(mixed.reconstruction(x_t, t, eps_hat, eps_pos, 2), want, atol=1e-12)
+    assert not torch.allclose(want, plain.reconstruction(x_t, t, eps_hat, eps_pos, 2))  # the rescale does something
+
+
+def test_mvdreams_reconstruction_loss_uses_the_one_call_and_rescales_per_group(tiny_mvdream):
+    """guidance=mvdream (recon_loss on, as in threestudio-mvdream) on two groups of 4 views with Perp-Neg: still one
+    UNet call; the gradient reaching the latents is (latents - target) / B with the target worked out group by group
+    from that call's own blocks (the combined eps, and the positive prompt's for the spread)."""
+    from hydra.utils import instantiate
+
+    from helpers import compose_train
+    from perpneg3d.guidance.perpneg import combine, time_factor
+    from perpneg3d.random_streams import RandomStreams
+
+    cfg = compose_train(["guidance=mvdream", f"guidance.denoiser.pretrained_model_name_or_path={tiny_mvdream}",
+                         "guidance.denoiser.device=cpu", "cameras.batch_size=8", "cameras.views_per_group=4",
+                         "cameras.heights=[16]", "cameras.widths=[16]"], "/tmp/unused")
+    guidance, prompts, cameras = instantiate(cfg.guidance), instantiate(cfg.prompts), instantiate(cfg.cameras)
+    assert guidance.recon_loss and guidance.recon_std_rescale == 0.5
+    den = guidance.denoiser
+    rng = RandomStreams.seeded(0)
+    cams = cameras.sample(0, rng.device)
+    batch = prompts.bind(den)(cams.azimuth_deg, cams.elevation_deg)
+    seen, encode, eps_views = {}, den.encode_sample, den.eps_views
+
+    def keep_latents(rgb, generator):
+        seen["latents"] = encode(rgb, generator)
+        seen["latents"].retain_grad()
+        return seen["latents"]
+
+    def keep_call(x, t, emb, c2w):
+        seen.setdefault("calls", []).append((x, t))
+        seen["eps"] = eps_views(x, t, emb, c2w)
+        return seen["eps"]
+
+    den.encode_sample, den.eps_views = keep_latents, keep_call
+    rgb = torch.rand(8, 16, 16, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    sds = guidance(rgb, batch, 0, rng.device, cams.c2w)
+    sds.loss.backward()
+    assert len(seen["calls"]) == 1
+    x_t, t = seen["calls"][0][0][:8], seen["calls"][0][1][:8]
+    blocks = seen["eps"].float().reshape(4, 8, *x_t.shape[1:])
+    eps_hat = combine(blocks[0], blocks[1], blocks[2:].transpose(0, 1), batch.neg_weights, 50.0, "perpneg",
+                      neg_factor=time_factor(t, 1000, None, 1.0))
+    target = recon_by_hand(x_t.float(), t, eps_hat, blocks[1], den.alphas_cumprod.float(), 0.5, 4)
+    latents = seen["latents"].detach()
+    assert torch.allclose(seen["latents"].grad * 8, latents - target, atol=1e-5 * (latents - target).abs().max().item())
+
+
+def test_the_reconstruction_loss_refuses_an_sds_gradient_clip_in_one_line():
+    from perpneg3d.errors import ConfigError
+    from perpneg3d.guidance.sds import ScoreDistillation
+
+    class Schedule:
+        num_train_timesteps = 1000
+        alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
+
+    with pytest.raises(ConfigError, match=r"^guidance.grad_clip=2.0 clips the SDS gradient, which guidance.recon_loss="
+                                          r"true replaces: remove one of them$"):
+        ScoreDistillation(Schedule(), recon_loss=True, grad_clip=2.0)

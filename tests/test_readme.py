@@ -25,7 +25,13 @@ SKIPPED = {
                  "step count (RUN_INSTEAD)",
     "python -m venv .venv && . .venv/bin/activate": "GPU set-up: would replace the test environment",
     "pip install torch --index-url https://download.pytorch.org/whl/cu124": "GPU set-up: a CUDA torch, needs network",
-    'pip install -e ".[test]" && pip install --no-deps clip-anytorch': "what `make install` does; the suite runs in it",
+    'pip install -e ".[test,gsplat]" && pip install --no-deps clip-anytorch': "what `make install` does; the suite "
+                                                                                 "runs in it",
+    'pip install -e ".[gsplat]"': "part of `make install` (the gsplat extra); the suite runs in it",
+    "python -m perpneg3d.renderer.gsplat_rasterizer --build": "compiles CUDA kernels: needs nvcc and a GPU (or "
+                                                              "--without-device); make gpu-rehearsal builds them",
+    'python train.py experiment=gs prompt="a corgi standing"': "Stable Diffusion's weights; tests/test_gaussians.py "
+                                                                 "trains experiment=gs on a tiny random SD",
     "pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch": "needs nvcc and network",
     "make gpu-check PYTHON=python": "needs a CUDA GPU; its CPU mode runs in tests/test_cuda_path.py",
     'python train.py prompt="a corgi standing"': "needs Stable Diffusion's weights from the hub",
@@ -36,8 +42,6 @@ SKIPPED = {
     'python train.py prompt="a westie" seed=3 guidance.guidance_scale=75 trainer.max_steps=5000': "Stable Diffusion",
     'python train.py prompt="a corgi standing" prompts=plain': "Stable Diffusion",
     'python train.py prompt="a corgi standing" prompts/schedule=stable_dreamfusion': "Stable Diffusion",
-    'python train.py prompt="a corgi standing" geometry=gaussians renderer=gaussians trainer=gaussians':
-        "Stable Diffusion; the same geometry, renderer and trainer run offline as experiment=toy_gs",
     "python train.py '~guidance.denoiser' '+guidance.denoiser={_target_:my_pkg.MyPrior,resolution:64}'":
         "my_pkg is the user's package; the same override with tests/external_prior.py runs in tests/test_training.py",
     "python train.py -m 'prompt=\"a corgi standing\",\"a westie\"' seed=0,1,2 hydra/launcher=submitit_slurm "

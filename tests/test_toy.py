@@ -35,14 +35,15 @@ def test_dataset_is_seeded_and_cached_by_parameters(tmp_path):
 
 
 def test_dataset_mimics_web_captions():
-    data = ToyDataset()  # the default world, 3000 images
+    # the default world's 3000 draws of view and caption (they come before any rendering), rendered at 8 px
+    data = ToyDataset(resolution=8, supersample=1)
     shares = torch.bincount(data.view_idx, minlength=3).float() / len(data)
     assert torch.allclose(shares, torch.tensor([0.6, 0.25, 0.15]), atol=0.03)
     named = data.caption_view >= 0
     assert abs(named.float().mean() - 0.33) < 0.03
     wrong = (data.caption_view[named] != data.view_idx[named]).float().mean()
     assert abs(wrong - 0.2) < 0.04
-    assert data.captions[0].startswith("a toy ") and data.images.shape == (3000, 3, 32, 32)
+    assert data.captions[0].startswith("a toy ") and data.images.shape == (3000, 3, 8, 8)
 
 
 def test_denoiser_matches_a_per_item_reference(small_world, prior):

@@ -125,7 +125,8 @@ def time_factor(t: Tensor, num_train_timesteps: int, ramp: tuple[float, float] |
 
 def guided_eps(denoiser, x_t: Tensor, t: Tensor, text_emb: Tensor, neg_weights: Tensor | None, scale: float,
                mode: str = "perpneg", neg_time_ramp: tuple[float, float] | None = None,
-               alignment: bool = False, neg_gain: float = 1.0, emphasis: float = 1.0, c2w: Tensor | None = None) -> Tensor:
+               alignment: bool = False, neg_gain: float = 1.0, emphasis: float = 1.0, c2w: Tensor | None = None,
+               with_positive: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Every prompt of a step in one batched denoiser call, split into blocks and combined.
 
     x_t [B,...] noisy latents, t [B] timesteps, text_emb [(2+K)*B, ...] in the block layout
@@ -134,7 +135,8 @@ def guided_eps(denoiser, x_t: Tensor, t: Tensor, text_emb: Tensor, neg_weights: 
     text_emb has one more block, the prompt without view words, last: [(3+K)*B, ...].
     A MultiView denoiser (MVDream) gets the samples' cameras c2w [B,4,4], the same for every block, so each
     block keeps its groups of views together. Used by score distillation (sds.py) and the 2D sampler
-    (ddim_sampler.py) alike. Returns the combined eps [B,...] in float32.
+    (ddim_sampler.py) alike. Returns the combined eps [B,...] in float32; with_positive: and the positive
+    prompt's own eps [B,...] (no guidance; the x0-reconstruction loss rescales by it), from the same call.
     """
     batch = x_t.shape[0]
     num_blocks = text_emb.shape[0] // batch
@@ -153,6 +155,7 @@ def guided_eps(denoiser, x_t: Tensor, t: Tensor, text_emb: Tensor, neg_weights: 
     num_neg = num_blocks - 2 - extra
     eps_neg = eps_all[2:2 + num_neg].transpose(0, 1) if num_neg else None
     factor = time_factor(t, denoiser.num_train_timesteps, neg_time_ramp, neg_gain)
-    return combine(eps_all[0], eps_all[1], eps_neg, neg_weights if num_neg else None, scale, mode,
-                   neg_factor=factor, alignment=alignment, eps_prompt=eps_all[-1] if extra else None,
-                   emphasis=emphasis)
+    combined = combine(eps_all[0], eps_all[1], eps_neg, neg_weights if num_neg else None, scale, mode,
+                       neg_factor=factor, alignment=alignment, eps_prompt=eps_all[-1] if extra else None,
+                       emphasis=emphasis)
+    return (combined, eps_all[1]) if with_positive else combined
