@@ -293,10 +293,9 @@ def gaussians_check(args) -> dict:
     random weighting of the image; ms of a forward + backward of each. Then experiment=gs steps (Stable
     Diffusion 2.1-base at random weights, full size unless --tiny) at 512 px renders (16 with --tiny): ms per
     step, steps/s, peak memory and the path used."""
-    from dataclasses import replace as with_fields
-
     from perpneg3d.cameras import orbit_cameras
     from perpneg3d.contracts import Gaussians
+    from perpneg3d.geometry.gaussians import FixedGaussians
     from perpneg3d.renderer import DiffuseMaterial, SolidBackground, gsplat_rasterizer
     from perpneg3d.renderer.gaussian_renderer import GaussianRenderer
 
@@ -311,15 +310,6 @@ def gaussians_check(args) -> dict:
     weights = torch.rand(4, res, res, 3, generator=g0).to(dev)
     cams = orbit_cameras(torch.tensor([0.0, 90.0, 180.0, 270.0]), 15.0, 2.0, 40.0, res).to(dev)
 
-    class Cloud:
-        radius = 1.0
-
-        def __init__(self, tensors):
-            self.tensors = tensors
-
-        def gaussians(self):
-            return Gaussians(*self.tensors)
-
     paths = {"torch": "torch"} | ({"gsplat": "gsplat"} if found.ok and dev.type == "cuda" else {})
     if len(paths) == 1:
         result["gsplat"] = "not compared: " + ("no CUDA device" if dev.type != "cuda" else found.reason)
@@ -329,7 +319,7 @@ def gaussians_check(args) -> dict:
 
         def once():
             tensors = [t.to(dev).requires_grad_(i in (0, 1, 4)) for i, t in enumerate(leaves)]
-            out = renderer(Cloud(tensors), cams)
+            out = renderer(FixedGaussians(Gaussians(*tensors)), cams)
             (out.rgb * weights).sum().backward()
             return out.rgb.detach(), [tensors[i].grad for i in (0, 1, 4)]
         reps = 1 if args.tiny else 5

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from perpneg3d.cameras.camera_batch import orbit_cameras
 from perpneg3d.contracts import GaussianField, Gaussians
+from perpneg3d.geometry.gaussians import FixedGaussians as Fixed
 from perpneg3d.geometry.gaussians import GaussianCloud, quaternion_to_matrix
 from perpneg3d.renderer import DiffuseMaterial, SolidBackground
 from perpneg3d.renderer.gaussian_renderer import ALPHA_MIN, GaussianRenderer
@@ -20,24 +21,6 @@ from perpneg3d.renderer.gaussian_renderer import ALPHA_MIN, GaussianRenderer
 D, FOVY, SIZE = 2.0, 40.0, 16
 F = 0.5 * SIZE / math.tan(math.radians(FOVY) / 2)  # focal length in pixels
 CENTRE = SIZE / 2 - 0.5  # the optical axis, in pixel-centre coordinates
-
-
-class Fixed:
-    """A GaussianField holding given Gaussians."""
-
-    radius = 1.0
-
-    def __init__(self, g: Gaussians):
-        self.g = g
-
-    def gaussians(self) -> Gaussians:
-        return self.g
-
-    def param_groups(self):
-        return {}
-
-    def update_step(self, step):
-        pass
 
 
 def front_camera(dtype=torch.float32):
@@ -152,7 +135,7 @@ def test_gradients_match_finite_differences():
 
 def test_the_cloud_satisfies_the_contract_and_starts_in_its_ball():
     cloud = GaussianCloud(num_points=500, init_radius=0.4, init_scale=0.05, init_opacity=0.2, seed=0)
-    assert isinstance(cloud, GaussianField)
+    assert isinstance(cloud, GaussianField) and isinstance(Fixed(cloud.gaussians()), GaussianField)
     g = cloud.gaussians()
     assert g.means.norm(dim=-1).max() <= 0.4 and g.means.norm(dim=-1).max() > 0.35  # uniform in the ball's volume
     assert torch.allclose(g.scales, torch.full((500, 3), 0.05)) and torch.allclose(g.opacities, torch.full((500,), 0.2))

@@ -84,6 +84,7 @@ def test_gsplat_splats_as_the_torch_path_does_on_cuda(tmp_path):
     pytest.importorskip("gsplat")
     from perpneg3d.cameras import orbit_cameras
     from perpneg3d.contracts import Gaussians
+    from perpneg3d.geometry.gaussians import FixedGaussians
     from perpneg3d.renderer import DiffuseMaterial, SolidBackground
     from perpneg3d.renderer.gaussian_renderer import GaussianRenderer
     from perpneg3d.training.run import train
@@ -97,20 +98,11 @@ def test_gsplat_splats_as_the_torch_path_does_on_cuda(tmp_path):
               0.1 + 0.8 * torch.rand(n, generator=g0), torch.rand(n, 3, generator=g0)]
     cams = orbit_cameras(torch.tensor([0.0, 120.0, 240.0]), 20.0, 2.0, 40.0, 64).cuda()
 
-    class Cloud:
-        radius = 1.0
-
-        def __init__(self, tensors):
-            self.tensors = tensors
-
-        def gaussians(self):
-            return Gaussians(*self.tensors)
-
     out = {}
     for choice in ("torch", "gsplat"):
         tensors = [t.cuda().requires_grad_(i == 4) for i, t in enumerate(leaves)]
         renderer = GaussianRenderer(SolidBackground((0.0, 0.0, 0.0)), DiffuseMaterial(), rasterizer=choice).cuda()
-        rendered = renderer(Cloud(tensors), cams)
+        rendered = renderer(FixedGaussians(Gaussians(*tensors)), cams)
         rendered.rgb.sum().backward()
         out[choice] = rendered.rgb.detach(), tensors[4].grad
         assert renderer.backend == f"splatting ({choice})"

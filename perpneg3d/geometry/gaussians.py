@@ -28,6 +28,23 @@ def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
     ], -1).view(-1, 3, 3)
 
 
+class FixedGaussians:
+    """Given Gaussians as a contracts.GaussianField, with no parameters of its own: what a check or a benchmark
+    renders when it builds the tensors itself (gradients flow to them)."""
+
+    def __init__(self, gaussians: Gaussians, radius: float = 1.0):
+        self._gaussians, self.radius = gaussians, radius
+
+    def gaussians(self) -> Gaussians:
+        return self._gaussians
+
+    def param_groups(self) -> dict:
+        return {}
+
+    def update_step(self, step: int) -> None:
+        """Nothing changes with the step."""
+
+
 class GaussianCloud(nn.Module):
     """N 3D Gaussians in [-radius, radius]^3 (a contracts.GaussianField).
 

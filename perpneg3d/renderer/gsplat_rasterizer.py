@@ -19,7 +19,6 @@ transmittance is below 1e-4; the torch path bounds by 3 along the longest axis a
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import os
@@ -103,12 +102,7 @@ def build(timeout_s: float = 1800.0) -> jit.Probe:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Check or build gsplat's CUDA kernels (docs/gpu.md).")
-    parser.add_argument("--build", action="store_true", help="build now, in a child process with a timeout")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds the build may take")
-    parser.add_argument("--without-device", action="store_true",
-                        help="build on a machine without a GPU (set TORCH_CUDA_ARCH_LIST, e.g. 9.0): a compile and link check")
-    args = parser.parse_args(argv)
+    args = jit.build_parser("gsplat", 1800.0).parse_args(argv)
     try:
         import gsplat  # noqa: PLC0415
     except ImportError:

@@ -343,13 +343,18 @@ def build(timeout_s: float = 900.0, extension: str = EXTENSION_NAME, code: str |
                  log_tail=tail(output))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Check or build nerfacc's CUDA kernels (see docs/gpu.md).")
+def build_parser(package: str, timeout_s: float) -> argparse.ArgumentParser:
+    """The command line of a JIT-built package's check-or-build module (nerfacc's here, gsplat's)."""
+    parser = argparse.ArgumentParser(description=f"Check or build {package}'s CUDA kernels (see docs/gpu.md).")
     parser.add_argument("--build", action="store_true", help="build now, in a child process with a timeout")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds the build may take")
+    parser.add_argument("--timeout", type=float, default=timeout_s, help="seconds the build may take")
     parser.add_argument("--without-device", action="store_true",
                         help="build on a machine without a GPU (set TORCH_CUDA_ARCH_LIST, e.g. 9.0): a compile and link check")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser("nerfacc", 900.0).parse_args(argv)
     print(f"build folder: {build_directory()}")
     for key, value in build_environment().items():
         print(f"build environment: {key}={value}")
