@@ -34,6 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".rehearsal"
 ARCH = "9.0"  # the H100's and H200's compute capability (sm_90)
+# a new process loads the built kernels as a run does (probe(): the build environment first, then the package's
+# loader). Without it torch's JIT writes other compiler command lines, ninja rebuilds every object, and the link
+# misses pip's libcudart.so (seen 2026-12-03: both builds "failed" in their load check after building)
+LOAD = ("from perpneg3d.renderer.nerfacc_cuda import ensure_cuda_home; ensure_cuda_home(); "
+        "from {package}.cuda import _backend; import sys; sys.exit(0 if _backend._C is not None else 'not loaded')")
 
 
 def read_torch(node_packages: Path) -> str:
@@ -155,8 +160,7 @@ class Rehearsal:
             if cuda_ok:
                 self.step("gsplat-build", [self.py, "-m", "perpneg3d.renderer.gsplat_rasterizer", "--without-device",
                                            "--timeout", "5400"],
-                          [self.py, "-c", "from gsplat.cuda import _backend; import sys; "
-                           "sys.exit(0 if _backend._C is not None else 'not loaded')"],
+                          [self.py, "-c", LOAD.format(package="gsplat")],
                           env=dict(build_env, TORCH_EXTENSIONS_DIR=str(WORK / "torch_extensions_gsplat")))
         if ok and not a.skip_tests:
             self.step("tests", [self.py, "-m", "pytest", "-q", "-x", "-m", "not slurm"])
@@ -166,8 +170,7 @@ class Rehearsal:
         """nerfacc's kernels compiled and linked for ARCH in the environment `env`, then imported."""
         return self.step(name, [self.py, "-m", "perpneg3d.renderer.nerfacc_cuda", "--build", "--without-device",
                                 "--timeout", "1800"],
-                         [self.py, "-c", "from nerfacc.cuda import _backend; import sys; "
-                          "sys.exit(0 if _backend._C is not None else 'not loaded'); "], env=env, check=check)
+                         [self.py, "-c", LOAD.format(package="nerfacc")], env=env, check=check)
 
     def torch_is(self, version: str) -> str | None:
         got = subprocess.run([self.py, "-c", "import torch; print(torch.__version__)"], capture_output=True,
