@@ -158,6 +158,7 @@ class Rehearsal:
                     "system toolkit's"))
             # gsplat's kernels whatever nerfacc's did (they are independent): pip's toolkit, as nerfacc-build
             if cuda_ok:
+                shutil.rmtree(WORK / "torch_extensions_gsplat", ignore_errors=True)  # a real build, not a reload
                 self.step("gsplat-build", [self.py, "-m", "perpneg3d.renderer.gsplat_rasterizer", "--without-device",
                                            "--timeout", "5400"],
                           [self.py, "-c", LOAD.format(package="gsplat")],
